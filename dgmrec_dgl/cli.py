@@ -1,5 +1,154 @@
-"""Command-line interface (filled in below)."""
+"""``dgmrec-dgl``: the command-line interface.
+
+Bad input ends with exit status 2 and one line naming the file, the field and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from fractions import Fraction
+
+from .errors import DataError
 
 
-def main(argv=None):  # pragma: no cover - replaced by the real CLI
-    raise SystemExit("not yet")
+def _ratio(text: str) -> float:
+    """A missing ratio: a decimal (``0.6``) or a fraction (``2/3``)."""
+    try:
+        value = float(Fraction(text))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a ratio such as 0.6 or 2/3") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"ratio {text} is outside [0, 1]")
+    return value
+
+
+def _ratios(text: str) -> list[float]:
+    return [_ratio(part) for part in text.split(",") if part.strip()]
+
+
+def _dims(text: str) -> dict[str, int]:
+    """``image=4096,text=384`` → dict."""
+    out = {}
+    for part in text.split(","):
+        name, _, dim = part.partition("=")
+        if name not in ("image", "text", "audio") or not dim.isdigit() or int(dim) < 1:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected modality=dim with modality image, text or audio")
+        out[name] = int(dim)
+    return out
+
+
+# ---------------------------------------------------------------------- data commands
+def _cmd_synth(args) -> int:
+    from .data import synthetic
+
+    overrides = {}
+    if args.users is not None:
+        overrides["n_users"] = args.users
+    if args.items is not None:
+        overrides["n_items"] = args.items
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.dims is not None:
+        overrides["dims"] = args.dims
+    try:
+        config = synthetic.preset(args.preset, **overrides)
+    except ValueError as exc:
+        print(f"dgmrec-dgl data synth: {exc}", file=sys.stderr)
+        return 2
+    info = synthetic.generate(args.out, config, progress=not args.quiet)
+    print(f"wrote {args.out}: {info['n_users']:,} users, {info['n_items']:,} items, "
+          f"{info['n_interactions']:,} interactions")
+    return 0
+
+
+def _load(args, mask=None):
+    from .data.dataset import Dataset
+
+    return Dataset.load(args.dir, inter=args.inter, mask=mask, allow_pickle=args.allow_pickle,
+                        imputation=getattr(args, "imputation", "mean"))
+
+
+def _cmd_check(args) -> int:
+    from .data.summary import format_summary
+
+    dataset = _load(args, mask=args.mask)
+    print(format_summary(dataset))
+    return 0
+
+
+def _cmd_mask(args) -> int:
+    from .data.masks import MissingMask, ratio_label
+
+    dataset = _load(args)
+    modalities = tuple(args.modalities.split(",")) if args.modalities else dataset.modalities
+    if not modalities:
+        raise DataError(args.dir, "features", "no feature file, so the modalities are unknown",
+                        "pass --modalities image,text (or add *_feat.npy files)")
+    out_dir = args.out or args.dir
+    for ratio in args.ratio:
+        mask = MissingMask.generate(dataset.n_items, modalities, ratio, args.seed)
+        path = os.path.join(out_dir, f"missing_items_{ratio_label(ratio)}.npz")
+        mask.save(path)
+        counts = ", ".join(f"{k} {v:,}" for k, v in mask.counts().items())
+        print(f"wrote {path}: {counts}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dgmrec-dgl", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="make, check and mask datasets in the MMRec layout")
+    data_cmds = data.add_subparsers(dest="data_command", required=True)
+
+    synth = data_cmds.add_parser("synth", help="write a synthetic multimodal dataset")
+    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument("--preset", default="toy", help="toy, demo, baby, sports, clothing, tiktok, large")
+    synth.add_argument("--users", type=int, help="number of users before 5-core filtering")
+    synth.add_argument("--items", type=int, help="number of items before 5-core filtering")
+    synth.add_argument("--dims", type=_dims, help="feature dims, e.g. image=4096,text=384")
+    synth.add_argument("--seed", type=int, help="random seed (default: the preset's)")
+    synth.add_argument("--quiet", action="store_true", help="no progress bars")
+    synth.set_defaults(run=_cmd_synth)
+
+    def dataset_args(p):
+        p.add_argument("dir", help="dataset folder")
+        p.add_argument("--inter", help=".inter file name inside DIR (default: the folder's only one)")
+        p.add_argument("--allow-pickle", action="store_true",
+                       help="allow reading a pickled .npy mask (can execute code: trusted files only)")
+
+    check = data_cmds.add_parser("check", help="validate a dataset and print a Table-1 style summary")
+    dataset_args(check)
+    check.add_argument("--mask", help="missing-modality mask (.npz; pickled .npy needs --allow-pickle)")
+    check.add_argument("--imputation", default="mean", choices=("mean", "zero", "nn"),
+                       help="fill of missing feature rows (default mean, as the reference)")
+    check.set_defaults(run=_cmd_check)
+
+    mask = data_cmds.add_parser("mask", help="write missing-modality masks (nested across ratios)")
+    dataset_args(mask)
+    mask.add_argument("--ratio", type=_ratios, required=True,
+                      help="fraction(s) of items missing a modality, e.g. 2/3 or 0.2,0.4,0.6,0.8")
+    mask.add_argument("--seed", type=int, default=2024, help="random seed (same seed → nested masks)")
+    mask.add_argument("--modalities", help="e.g. image,text (default: the dataset's feature files)")
+    mask.add_argument("--out", help="folder for the masks (default DIR)")
+    mask.set_defaults(run=_cmd_mask)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = lambda message, *_a, **_k: print(f"warning: {message}", file=sys.stderr)
+        try:
+            return args.run(args)
+        except DataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

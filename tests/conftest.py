@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny hand-made dataset folder and the path of the study's real splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_SPLITS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dgmrec-splits"
+
+
+def write_inter(path: Path, rows, header: str = "userID\titemID\tx_label") -> Path:
+    lines = [header] + ["\t".join(str(v) for v in row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tiny_rows(n_users: int = 6, n_items: int = 8, seed: int = 0):
+    """Every user has 4 train, 1 valid and 1 test item; ids are contiguous."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        items = rng.choice(n_items, size=6, replace=False)
+        rows += [(u, int(i), 0) for i in items[:4]] + [(u, int(items[4]), 1), (u, int(items[5]), 2)]
+    return rows
+
+
+@pytest.fixture
+def tiny_dir(tmp_path) -> Path:
+    """A valid dataset folder: 6 users, 8 items, image (16-d) and text (4-d) features."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    write_inter(folder / "tiny.inter", tiny_rows())
+    rng = np.random.default_rng(1)
+    np.save(folder / "image_feat.npy", rng.normal(size=(8, 16)).astype(np.float32))
+    np.save(folder / "text_feat.npy", rng.normal(size=(8, 4)).astype(np.float32))
+    return folder
+
+
+def shared_split(*parts: str) -> Path:
+    path = SHARED_SPLITS.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is not available (../shared/data beside the repository)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _quiet_tqdm(monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    yield
+
