@@ -6,6 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# Small tensors: one intra-op thread avoids spinning threads fighting over the machine's two cores.
+torch.set_num_threads(1)
 
 SHARED_SPLITS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dgmrec-splits"
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 import math
 from itertools import combinations as choose
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import DataError
+from ..io_utils import atomic_path
 from .io import load_npy
 
 #: Modality names, in canonical order, and their one-letter mask keys.
@@ -227,17 +227,8 @@ class MissingMask:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the mask as ``.npz`` atomically (temporary file, then rename)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=folder)
-        os.close(fd)
-        try:
+        with atomic_path(path, suffix=".npz") as tmp:
             np.savez(tmp, **{key: ids.astype(np.int64) for key, ids in self.groups.items()})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
 
     # ------------------------------------------------------------------ generation
     @classmethod

@@ -1,0 +1,201 @@
+"""Run configuration: one typed object built from YAML and passed down (no globals).
+
+A YAML file has up to four sections, each optional, each checked key by key::
+
+    data:   {dir, inter, mask, missing_ratio, mask_seed, imputation, new_items, allow_pickle}
+    train:  {epochs, batch_size, lr, weight_decay, lr_decay, lr_decay_every, eval_every, patience, seed, ...}
+    model:  {name, embedding_dim, n_ui_layers, ...}   # the model's own hyper-parameters
+    eval:   {ks, budget_mb}
+
+Defaults are the reference's (``../shared/docs/DGMRec_SPEC.md`` §1, §5). An unknown key or a value of the
+wrong type is a :class:`~dgmrec_dgl.errors.DataError` naming the file, the key and the fix. ``extends:``
+names another YAML file (relative to this one) whose values this file overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from .errors import DataError
+from .io_utils import atomic_write_text
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""
+    inter: str | None = None
+    mask: str | None = None            # a mask file; else generated with missing_ratio / mask_seed
+    missing_ratio: float | None = None
+    mask_seed: int = 2024
+    imputation: str = "mean"           # mean (reference), zero, nn
+    new_items: bool = False            # the new-items setting (20% stratified, seed 1111)
+    new_items_seed: int = 1111
+    allow_pickle: bool = False
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 500
+    batch_size: int = 2048
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_decay: float = 0.96             # lr × lr_decay^(epoch / lr_decay_every)
+    lr_decay_every: int = 50
+    eval_every: int = 3
+    patience: int = 30                 # validations without a better valid Recall@20
+    seed: int = 999
+    device: str = "cpu"
+    threads: int = 0                   # torch threads; 0 = torch's default
+
+
+@dataclass
+class EvalConfig:
+    ks: tuple[int, ...] = (10, 20, 50)
+    budget_mb: int = 256               # memory for one chunk of scores
+    select_metric: str = "recall@20"
+
+
+@dataclass
+class DGMRecConfig:
+    """DGMRec hyper-parameters; defaults are the reference's `default` column."""
+
+    name: str = "dgmrec"
+    embedding_dim: int = 64
+    n_ui_layers: int = 3
+    n_mm_layers: int = 1
+    knn_k: int = 10
+    reg_id: float = 1e-5               # L2 on the batch's ID embeddings
+    reg: float = 0.1                   # L2 on the modality representations of positives
+    recon: float = 0.1
+    additive: float = 1.0              # generation loss weight
+    sampler: float = 0.01              # CLUB weight
+    inter_modal: float = 0.01
+    inter_modal_temp: float = 0.4
+    intra_modal: float = 0.01
+    intra_modal_temp: float = 0.1
+    align_bm: float = 0.01
+    align_bm_temp: float = 0.2
+    avg_lambda: float = 0.8            # weight of the REBUILT graph rows (the paper's α = 1 − avg_lambda)
+    refresh_every: int = 5             # epochs between kNN refinements
+    perturb_eps: float = 0.1
+    club_hidden: int = 32
+    club_lr: float = 1e-4
+    club_steps: int = 5
+    club_batch: int = 2048
+    generate_multi_missing: bool = False   # also overwrite rows of items missing several modalities
+    score_with_refined_graph: bool = True  # False reproduces the journal release (initial graph at scoring)
+    refine_sources: str = "present"        # paper: edges from items having m; "all" as the release
+    knn_index: str = "auto"
+
+
+MODEL_CONFIGS = {"dgmrec": DGMRecConfig}
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    model: DGMRecConfig = field(default_factory=DGMRecConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(path: str, key: str, value, kind):
+    """Check ``value`` against the dataclass field type ``kind``; ints are accepted for floats."""
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        if value is None:
+            return None
+        kind = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(kind)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise DataError(path, key, f"expected a list, got {value!r}", f"write {key}: [10, 20, 50]")
+        return tuple(_coerce(path, key, v, typing.get_args(kind)[0]) for v in value)
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, str):
+        return value
+    raise DataError(path, key, f"expected {getattr(kind, '__name__', kind)}, got {value!r}",
+                    f"give {key} a value of type {getattr(kind, '__name__', kind)}")
+
+
+def _update(path: str, section: str, target, values: dict):
+    if not isinstance(values, dict):
+        raise DataError(path, section, "is not a mapping", f"write `{section}:` followed by indented keys")
+    hints = typing.get_type_hints(type(target))
+    names = {f.name for f in dataclasses.fields(target)}
+    for key, value in values.items():
+        if key not in names:
+            raise DataError(path, f"{section}.{key}", "unknown key",
+                            f"use one of: {', '.join(sorted(names))}")
+        setattr(target, key, _coerce(path, f"{section}.{key}", value, hints[key]))
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise DataError(path, "file", "does not exist", "pass an existing YAML config") from None
+    except yaml.YAMLError as exc:
+        raise DataError(path, "file", f"is not valid YAML ({str(exc).splitlines()[0]})",
+                        "fix the YAML syntax") from None
+    if not isinstance(raw, dict):
+        raise DataError(path, "file", "is not a mapping of sections", "write data:, train:, model: sections")
+    return raw
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> Config:
+    """Build a :class:`Config` from defaults, then ``extends:`` chains, then ``path``, then ``overrides``.
+
+    ``overrides`` uses the same nesting as the YAML (``{"train": {"seed": 42}}``).
+    """
+    layers: list[tuple[str, dict]] = []
+    seen = set()
+    current = os.fspath(path) if path is not None else None
+    while current is not None:
+        if current in seen:
+            raise DataError(current, "extends", "forms a cycle", "remove the circular extends:")
+        seen.add(current)
+        raw = _read_yaml(current)
+        layers.insert(0, (current, raw))
+        parent = raw.get("extends")
+        current = os.path.join(os.path.dirname(current), parent) if parent else None
+    if overrides:
+        layers.append(("<command line>", overrides))
+    config = Config()
+    for source, raw in layers:
+        model_section = raw.get("model") or {}
+        name = model_section.get("name", config.model.name) if isinstance(model_section, dict) else None
+        if name not in MODEL_CONFIGS:
+            raise DataError(source, "model.name", f"unknown model {name!r}",
+                            f"use one of: {', '.join(MODEL_CONFIGS)}")
+        if not isinstance(config.model, MODEL_CONFIGS[name]):
+            config.model = MODEL_CONFIGS[name]()
+        for key, value in raw.items():
+            if key == "extends":
+                continue
+            if key not in ("data", "train", "eval", "model"):
+                raise DataError(source, key, "unknown section", "use the sections data, train, eval, model")
+            _update(source, key, getattr(config, key), value or {})
+    return config
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically."""
+    data = config.to_dict()
+    data["eval"]["ks"] = list(data["eval"]["ks"])
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
