@@ -1,0 +1,1 @@
+"""Recommender models: DGMRec, and the LightGCN propagation they share."""

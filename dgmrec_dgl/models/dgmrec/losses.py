@@ -1,0 +1,21 @@
+"""Losses of DGMRec (Eq. 8, 14, 20–24), written once and used for every modality.
+
+- :func:`info_nce`: InfoNCE with in-batch negatives on cosine similarities (Eq. 8, 20, 21), mean over rows.
+- :func:`bpr_loss`: ``−mean log σ(y_ui+ − y_ui−)`` (Eq. 23; the paper's "−σ(·)" is a typo for this).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``mean_r −log softmax_c(cos(a_r, b_c)/τ)[r]`` for ``a``, ``b`` [B, d] (row r of b is a_r's positive)."""
+    logits = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / temperature
+    return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
+
+
+def bpr_loss(user: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """BPR on representations ``user``, ``pos``, ``neg`` [B, d]."""
+    return -F.logsigmoid((user * pos).sum(dim=1) - (user * neg).sum(dim=1)).mean()
