@@ -97,6 +97,91 @@ def _cmd_mask(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- model commands
+def _metrics_table(rows: dict[str, dict[str, float]], ks=(10, 20, 50)) -> str:
+    names = [f"{m}@{k}" for m in ("recall", "ndcg") for k in ks]
+    lines = ["split   " + "  ".join(f"{n:>9}" for n in names)]
+    for split, metrics in rows.items():
+        lines.append(f"{split:<7} " + "  ".join(f"{metrics.get(n, float('nan')):>9.4f}" for n in names))
+    return "\n".join(lines)
+
+
+def _cmd_train(args) -> int:
+    from .config import load_config
+    from .train import train
+
+    overrides: dict[str, dict] = {"data": {}, "train": {}}
+    if args.data:
+        overrides["data"]["dir"] = args.data
+    if args.inter:
+        overrides["data"]["inter"] = args.inter
+    if args.mask:
+        overrides["data"]["mask"] = args.mask
+    if args.missing_ratio is not None:
+        overrides["data"]["missing_ratio"] = args.missing_ratio
+    if args.new_items:
+        overrides["data"]["new_items"] = True
+    if args.allow_pickle:
+        overrides["data"]["allow_pickle"] = True
+    if args.seed is not None:
+        overrides["train"]["seed"] = args.seed
+    if args.epochs is not None:
+        overrides["train"]["epochs"] = args.epochs
+    config = load_config(args.config, overrides)
+    out = args.out or os.path.join("runs", f"{config.model.name}-{os.path.basename(os.path.normpath(config.data.dir))}"
+                                   f"-seed{config.train.seed}")
+    result = train(config, out, resume=args.resume, progress=not args.quiet)
+    if "test" not in result:
+        print(f"{out}: no validation ran yet (epochs < eval_every?)")
+        return 0
+    print(f"run folder: {out}   best epoch: {result['best_epoch']}")
+    print(_metrics_table({"valid": result["valid"], "test": result["test"]}, tuple(config.eval.ks)))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    import torch
+
+    from .evaluate import evaluate
+    from .train import load_run
+
+    config, dataset, model, g = load_run(args.run_dir)
+    with torch.no_grad():
+        user, item = model(g).fused()
+    score = lambda users: user[users] @ item.T  # noqa: E731
+    rows = {split: evaluate(score, dataset, split, config.eval.ks) for split in ("valid", "test")}
+    print(_metrics_table(rows, tuple(config.eval.ks)))
+    return 0
+
+
+def _cmd_recommend(args) -> int:
+    import numpy as np
+    import torch
+
+    from .train import load_run
+
+    config, dataset, model, g = load_run(args.run_dir)
+    users = np.array([int(u) for u in args.users.split(",")], dtype=np.int64)
+    if users.min() < 0 or users.max() >= dataset.n_users:
+        raise DataError(args.run_dir, "--users", f"user ids must be in 0..{dataset.n_users - 1}",
+                        "pass ids of users in the run's dataset")
+    with torch.no_grad():
+        user, item = model(g).fused()
+        scores = user[torch.from_numpy(users)] @ item.T
+    seen = dataset.train_matrix()
+    for row, u in enumerate(users):
+        scores[row, torch.from_numpy(seen[u].indices.astype(np.int64))] = -torch.inf
+    top = torch.topk(scores, min(args.k, dataset.n_items), dim=1).indices.numpy()
+    missing = {m: ~dataset.present[m] for m in dataset.modalities}
+    for u, items in zip(users, top):
+        tags = []
+        for i in items:
+            lacks = [m for m in dataset.modalities if missing[m][i]]
+            tags.append(f"{i}" + (f"(no {'+'.join(lacks)})" if lacks else ""))
+        print(f"user {u}: " + " ".join(tags))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgmrec-dgl", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +220,32 @@ def build_parser() -> argparse.ArgumentParser:
     mask.add_argument("--modalities", help="e.g. image,text (default: the dataset's feature files)")
     mask.add_argument("--out", help="folder for the masks (default DIR)")
     mask.set_defaults(run=_cmd_mask)
+
+    tr = commands.add_parser("train", help="train DGMRec and write a run folder")
+    tr.add_argument("--config", required=True, help="YAML config, e.g. configs/dgmrec/demo.yaml")
+    tr.add_argument("--data", help="dataset folder (overrides data.dir)")
+    tr.add_argument("--inter", help=".inter file inside the dataset folder")
+    group = tr.add_mutually_exclusive_group()
+    group.add_argument("--mask", help="missing-modality mask file")
+    group.add_argument("--missing-ratio", type=_ratio, help="generate a mask with this ratio (e.g. 2/3)")
+    tr.add_argument("--allow-pickle", action="store_true", help="allow a pickled .npy mask (trusted files only)")
+    tr.add_argument("--new-items", action="store_true", help="the new-items setting (20%% cold-start items)")
+    tr.add_argument("--seed", type=int, help="training seed")
+    tr.add_argument("--epochs", type=int, help="maximum epochs")
+    tr.add_argument("--out", help="run folder (default runs/<model>-<data>-seed<S>)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(run=_cmd_train)
+
+    ev = commands.add_parser("evaluate", help="full-ranking valid/test metrics of a run's best checkpoint")
+    ev.add_argument("run_dir")
+    ev.set_defaults(run=_cmd_evaluate)
+
+    rec = commands.add_parser("recommend", help="top-k items for users (works for items missing modalities)")
+    rec.add_argument("run_dir")
+    rec.add_argument("--users", required=True, help="comma-separated user ids")
+    rec.add_argument("--k", type=int, default=20)
+    rec.set_defaults(run=_cmd_recommend)
     return parser
 
 

@@ -36,6 +36,7 @@ class DataConfig:
     new_items: bool = False            # the new-items setting (20% stratified, seed 1111)
     new_items_seed: int = 1111
     allow_pickle: bool = False
+    inject: str = "none"               # feature injection after masking: none, mean, nn (dgmrec_dgl.inject)
 
 
 @dataclass
@@ -93,7 +94,53 @@ class DGMRecConfig:
     knn_index: str = "auto"
 
 
-MODEL_CONFIGS = {"dgmrec": DGMRecConfig}
+@dataclass
+class MFBPRConfig:
+    """MF-BPR (Rendle et al. 2009) as in MMRec: ID tables scored by inner product."""
+
+    name: str = "mfbpr"
+    embedding_dim: int = 64
+    reg: float = 1e-4                  # L2 on the batch's embeddings: reg · (‖e_u‖ + ‖e_i+‖ + ‖e_i−‖) / B
+
+
+@dataclass
+class LightGCNConfig:
+    """LightGCN (He et al. 2020) as in MMRec: 3 layers, layer-mean readout."""
+
+    name: str = "lightgcn"
+    embedding_dim: int = 64
+    n_layers: int = 3
+    reg: float = 1e-4                  # L2 on the batch's layer-0 embeddings, as reg_weight in MMRec
+
+
+@dataclass
+class CI2MGConfig:
+    """CI2MG (Lin et al., MM 2023) hyper-parameters; defaults are the release's (DGMRec_SPEC §6)."""
+
+    name: str = "ci2mg"
+    embedding_dim: int = 64
+    n_ui_layers: int = 3
+    ui_norm: str = "mean"              # D^-1 A as the release (paper Eq. 1); "sym" = D^-1/2 A D^-1/2
+    n_prototypes: int = 64             # K hyperedges per modality
+    n_hyper_layers: int = 2            # L of Eq. 5
+    incidence: str = "cosine"          # Eq. 4 as released; "positive" clamps negative similarities to 0
+    ot_epsilon: float = 5.0            # entropic regulariser of Eq. 7
+    ot_iterations: int = 10
+    ot_block: int = 2048               # items per OT block; >= n_items solves the release's full I x I problem
+    ot_solver: str = "stabilized"      # Sinkhorn in the log domain: stabilized (fast) or log (all logsumexp)
+    ot_delta: bool = False             # learnable offset Delta T of Eq. 9 (release: a zero, never trained)
+    contrastive: str = "paper"         # Eq. 10 with in-batch negatives; "release" = the constant log 2
+    temperature: float = 1.0           # tau of Eq. 10
+    task_activation: str = "none"      # sigma of Eq. 11: none (release) or sigmoid (paper)
+    generated_for: str = "missing"     # items whose modality representation is the generated Z: missing|all
+    cl_weight: float = 1.0             # lambda_1 (release lamb_1) on L_s
+    rec_weight: float = 1.0            # weight of L_rec (fixed at 1 in the release)
+    bpr_weight: float = 1.0            # release lamb_2 on L_BPR
+    reg: float = 0.0                   # lambda_3 of Eq. 15 on the batch's ID embeddings (release: none)
+
+
+MODEL_CONFIGS = {"dgmrec": DGMRecConfig, "mfbpr": MFBPRConfig, "lightgcn": LightGCNConfig,
+                 "ci2mg": CI2MGConfig}
 
 
 @dataclass

@@ -1,0 +1,26 @@
+"""Item–item kNN graphs (FAISS), their refinement (Eq. 16, Numba) and the DGL heterograph.
+
+- :mod:`.knn` — ``KnnGraph``, ``build_knn``, ``query_rows``, ``normalize_knn`` (Eq. 4).
+- :mod:`.refine` — ``refine_knn`` (Eq. 16).
+- :mod:`.hetero` — ``build_heterograph``, ``replace_knn_relation``, ``propagate``, ``mean_aggregate``.
+
+The DGL/torch side (:mod:`.hetero`) is imported on first use, so the FAISS/Numba side can run without
+loading torch (the graph benchmark measures its memory that way).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .knn import KnnGraph, KnnRows, build_knn, normalize_knn, query_rows
+from .refine import refine_knn
+
+_HETERO = ("build_heterograph", "replace_knn_relation", "propagate", "mean_aggregate", "knn_etype")
+
+__all__ = ["KnnGraph", "KnnRows", "build_knn", "normalize_knn", "query_rows", "refine_knn", *_HETERO]
+
+
+def __getattr__(name: str):
+    if name in _HETERO:
+        return getattr(importlib.import_module(".hetero", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

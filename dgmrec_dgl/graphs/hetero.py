@@ -1,0 +1,194 @@
+"""The DGL heterograph DGMRec propagates on: user–item interactions plus one item–item kNN graph per modality.
+
+Node types ``user`` [n_users] and ``item`` [n_items]; relations
+
+* ``('user', 'interacts', 'item')`` and ``('item', 'interacted_by', 'user')``: the training interactions,
+  edge field ``w`` = the LightGCN symmetric normalisation of the bipartite adjacency (Â = D^-1/2 A D^-1/2,
+  spec §2.1), with the reference's 1e-7 added to every degree:
+
+  .. math:: w_{ui} = \\frac{1}{\\sqrt{(|N_u| + 10^{-7})(|N_i| + 10^{-7})}}
+
+* ``('item', f'knn_{m}', 'item')`` per modality m: edge j -> i for every entry S_ij of the (normalised)
+  kNN graph (row i = target), field ``w`` = S_ij, so one message-passing step computes h_i <- sum_j S_ij h_j
+  (spec §2.5).
+
+:func:`propagate` is one weighted step ``h_dst = sum_{e=(src,dst)} w_e h_src`` over one relation, written
+as ``update_all(fn.u_mul_e, fn.sum)``: DGL fuses that built-in pair into one SpMM (``gspmm``), the same
+kernel ``dgl.ops.u_mul_e_sum`` calls. Measured on a Baby-sized graph (19,445 users, 7,050 items, 112K
+unique interactions, k = 10, d = 64, 2 threads), forward + backward, mean of 50 calls::
+
+    relation           update_all    dgl.ops.u_mul_e_sum
+    user -> item        8.94 ms        8.68 ms
+    item -> item kNN    4.12 ms        4.09 ms
+
+a difference within the run-to-run noise (~5%), so the message-passing form is kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dgmrec_dgl._dgl import dgl, fn
+from dgmrec_dgl.graphs.knn import KnnGraph
+
+__all__ = ["UI", "IU", "build_heterograph", "knn_etype", "mean_aggregate", "propagate", "replace_knn_relation"]
+
+UI = ("user", "interacts", "item")
+IU = ("item", "interacted_by", "user")
+_EPS = 1e-7
+
+
+def knn_etype(modality: str) -> tuple[str, str, str]:
+    """Canonical edge type of a modality's kNN relation, e.g. ``('item', 'knn_v', 'item')``."""
+    return ("item", f"knn_{modality}", "item")
+
+
+def _knn_edges(knn: KnnGraph, n_items: int, modality: str):
+    if not isinstance(knn, KnnGraph):
+        raise ValueError(f"knn graph of modality {modality!r} must be a KnnGraph, got {type(knn).__name__}")
+    if knn.n_items != n_items:
+        raise ValueError(f"knn graph of modality {modality!r} has {knn.n_items} items, the dataset {n_items}")
+    dst = torch.from_numpy(np.repeat(np.arange(n_items, dtype=np.int64), np.diff(knn.indptr)))
+    src = torch.from_numpy(knn.indices)
+    return src, dst, torch.from_numpy(knn.weights)
+
+
+def _interactions(dataset):
+    for attr in ("n_users", "n_items", "train"):
+        if not hasattr(dataset, attr):
+            raise ValueError(f"dataset must have attribute {attr!r} (n_users, n_items, train [n_train, 2])")
+    n_users, n_items = int(dataset.n_users), int(dataset.n_items)
+    train = np.asarray(dataset.train)
+    if train.ndim != 2 or train.shape[1] != 2 or not np.issubdtype(train.dtype, np.integer):
+        raise ValueError(f"dataset.train must be an integer array [n_train, 2] of (user, item) pairs, "
+                         f"got dtype {train.dtype} and shape {train.shape}")
+    if train.size:
+        if train[:, 0].min() < 0 or train[:, 0].max() >= n_users:
+            raise ValueError(f"dataset.train users must lie in [0, {n_users})")
+        if train[:, 1].min() < 0 or train[:, 1].max() >= n_items:
+            raise ValueError(f"dataset.train items must lie in [0, {n_items})")
+    # the reference builds a 0/1 adjacency: a repeated pair is one edge
+    pairs = np.unique(train.astype(np.int64), axis=0) if train.size else np.zeros((0, 2), np.int64)
+    return n_users, n_items, pairs
+
+
+def build_heterograph(dataset, knn_graphs: dict[str, KnnGraph]):
+    """Build the user–item + kNN heterograph (see the module docstring for the relations).
+
+    Args:
+        dataset: object with ``n_users``, ``n_items`` and ``train`` (int64 [n_train, 2] user, item pairs;
+            repeated pairs count once, as in the reference's 0/1 adjacency).
+        knn_graphs: modality name -> :class:`KnnGraph` [n_items, n_items] (normalised), e.g.
+            ``{"v": ..., "t": ...}``.
+
+    Returns:
+        ``dgl.DGLGraph`` with int64 ids, edge field ``w`` (float32) on every relation.
+
+    Raises:
+        ValueError: missing dataset attributes, ids out of range, a kNN graph of the wrong size.
+    """
+    n_users, n_items, pairs = _interactions(dataset)
+    users = torch.from_numpy(np.ascontiguousarray(pairs[:, 0]))
+    items = torch.from_numpy(np.ascontiguousarray(pairs[:, 1]))
+    data = {UI: (users, items), IU: (items, users)}
+    weights = {}
+    for m, knn in knn_graphs.items():
+        src, dst, w = _knn_edges(knn, n_items, m)
+        data[knn_etype(m)] = (src, dst)
+        weights[knn_etype(m)] = w
+    g = dgl.heterograph(data, num_nodes_dict={"user": n_users, "item": n_items}, idtype=torch.int64)
+    deg_u = torch.bincount(users, minlength=n_users).double() + _EPS
+    deg_i = torch.bincount(items, minlength=n_items).double() + _EPS
+    w_ui = (deg_u[users] * deg_i[items]).rsqrt().float()
+    g.edges[UI].data["w"] = w_ui
+    g.edges[IU].data["w"] = w_ui  # the same tensor: both directions carry the same symmetric weight
+    for etype, w in weights.items():
+        g.edges[etype].data["w"] = w
+    return g
+
+
+def replace_knn_relation(g, modality: str, knn: KnnGraph):
+    """A new heterograph whose ``knn_{modality}`` relation holds the edges of ``knn``.
+
+    Every other relation is reused as is: its DGL graph index (and whatever sparse formats it has
+    materialised) and its edge-data tensors are shared with ``g``, not rebuilt or copied; node and edge
+    frames are shallow clones, so adding a field to the new graph does not touch ``g``. ``g`` itself is
+    not modified. Cost: O(nnz of the kNN graph).
+
+    Args:
+        g: graph from :func:`build_heterograph`.
+        modality: the modality whose kNN relation is replaced (must exist in ``g``).
+        knn: the new :class:`KnnGraph` [n_items, n_items].
+
+    Returns:
+        the new ``dgl.DGLGraph``.
+    """
+    etype = knn_etype(modality)
+    if etype not in g.canonical_etypes:
+        raise ValueError(f"the graph has no relation {etype}; its relations are {g.canonical_etypes}")
+    src, dst, w = _knn_edges(knn, g.num_nodes("item"), modality)
+    from dgl import heterograph_index, utils
+    from dgl.frame import Frame
+
+    etid = g.get_etype_id(etype)
+    relations = []
+    for i, _ in enumerate(g.canonical_etypes):
+        if i == etid:
+            relations.append(heterograph_index.create_unitgraph_from_coo(
+                1, g.num_nodes("item"), g.num_nodes("item"), src, dst, ["coo", "csr", "csc"]))
+        else:
+            relations.append(g._graph.get_relation_graph(i))
+    num_nodes = utils.toindex([g.num_nodes(nt) for nt in g.ntypes], "int64")
+    index = heterograph_index.create_heterograph_from_relations(g._graph.metagraph, relations, num_nodes)
+    edge_frames = [Frame({"w": w}, num_rows=w.shape[0]) if i == etid else frame.clone()
+                   for i, frame in enumerate(g._edge_frames)]
+    node_frames = [frame.clone() for frame in g._node_frames]
+    return dgl.DGLGraph(index, g.ntypes, g.etypes, node_frames, edge_frames)
+
+
+def propagate(g, etype, h: torch.Tensor, weight: str = "w") -> torch.Tensor:
+    """One weighted message-passing step over one relation: ``out[v] = sum_{(u,v)} w_uv h[u]``.
+
+    Args:
+        g: the heterograph.
+        etype: a relation (canonical triple or its name), e.g. ``UI`` or ``knn_etype("v")``.
+        h: [n_src_nodes, d] features of the relation's source node type.
+        weight: edge field holding the weights.
+
+    Returns:
+        [n_dst_nodes, d]; a node without incoming edges gets zeros. Differentiable w.r.t. ``h`` and the
+        edge weights.
+    """
+    src_type, _, dst_type = g.to_canonical_etype(etype)
+    if h.shape[0] != g.num_nodes(src_type):
+        raise ValueError(f"h has {h.shape[0]} rows but the relation {etype} has {g.num_nodes(src_type)} "
+                         f"{src_type} source nodes")
+    with g.local_scope():
+        g.nodes[src_type].data["_h"] = h
+        g.update_all(fn.u_mul_e("_h", weight, "_m"), fn.sum("_m", "_out"), etype=etype)
+        return g.nodes[dst_type].data["_out"]
+
+
+def mean_aggregate(g, etype, h: torch.Tensor) -> torch.Tensor:
+    """Mean of the source features over each destination's incoming edges of one relation (unweighted).
+
+    ``out[v] = mean_{(u,v)} h[u]``, e.g. a user's mean over their train items (spec §2.5) with
+    ``etype="interacted_by"``. A node without incoming edges gets zeros. Differentiable w.r.t. ``h``.
+
+    Args:
+        g: the heterograph.
+        etype: a relation (canonical triple or its name).
+        h: [n_src_nodes, d] features of the relation's source node type.
+
+    Returns:
+        [n_dst_nodes, d].
+    """
+    src_type, _, dst_type = g.to_canonical_etype(etype)
+    if h.shape[0] != g.num_nodes(src_type):
+        raise ValueError(f"h has {h.shape[0]} rows but the relation {etype} has {g.num_nodes(src_type)} "
+                         f"{src_type} source nodes")
+    with g.local_scope():
+        g.nodes[src_type].data["_h"] = h
+        g.update_all(fn.copy_u("_h", "_m"), fn.mean("_m", "_out"), etype=etype)
+        return g.nodes[dst_type].data["_out"]

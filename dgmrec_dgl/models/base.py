@@ -1,0 +1,61 @@
+"""The interface every recommender implements, so one trainer and one evaluator serve them all.
+
+A :class:`Recommender` is an ``nn.Module`` with three duties:
+
+- ``forward(g)`` → representations of all users and items on the heterograph ``g`` (any object);
+- ``loss(reps, users, pos, neg, generator)`` → ``(total, {part: value})`` for a batch of BPR triples;
+- ``fused(reps)`` → ``(user [n_users, d'], item [n_items, d'])`` whose inner products are the scores.
+
+Optional hooks: :meth:`Recommender.before_epoch` (work done once per epoch before the mini-batches, such as
+DGMRec's generation and graph refinement; it may return a new graph), :meth:`Recommender.main_parameters`
+(what the main optimiser trains) and :meth:`Recommender.auxiliary_optimizer` (a second optimiser the model
+steps itself). Graph state a model changes (refined kNN relations) travels through
+:meth:`Recommender.graph_state` / :meth:`Recommender.load_graph_state` so checkpoints hold it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..graphs.hetero import build_heterograph
+
+
+class Recommender(nn.Module):
+    """Base class of the models trained by :func:`dgmrec_dgl.train.train`."""
+
+    def forward(self, g):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def loss(self, reps, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def fused(self, reps) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    # ------------------------------------------------------------------ optional hooks
+    def make_graph(self, dataset):
+        """The heterograph the model runs on (default: the user–item relations only)."""
+        return build_heterograph(dataset, {})
+
+    def scoring_graph(self, g):
+        """The graph scores are computed on (default: the training graph)."""
+        return g
+
+    def main_parameters(self) -> list[nn.Parameter]:
+        return list(self.parameters())
+
+    def auxiliary_optimizer(self) -> torch.optim.Optimizer | None:
+        return None
+
+    def before_epoch(self, epoch: int, g, generator: torch.Generator) -> tuple[object, dict]:
+        """Per-epoch work before training; returns the (possibly new) graph and log entries."""
+        return g, {}
+
+    def graph_state(self) -> dict:
+        return {}
+
+    def load_graph_state(self, state: dict, g):
+        """Restore :meth:`graph_state` output; returns the graph to continue with."""
+        return g

@@ -1,0 +1,339 @@
+"""DGMRec: Disentangling and Generating Modalities for Recommendation in missing-modality scenarios.
+
+Kim, Kang, Kim, Kim and Park, SIGIR 2025. This module wires the paper's parts together:
+
+1. ID branch: LightGCN over the user–item graph (Eq. 18's E_id).
+2. Per modality m: trainable raw features X_m → general / specific encoders (Eq. 1) → preference filter
+   (Eq. 2–3) → propagation on the kNN graph S^m (Eq. 4–5) → user features (Eq. 6).
+3. Fusion (Eq. 17–19): ``e = E_id + (mean_m ḡ_m + Σ_m s̄_m) / (M + 1)``, score ``⟨e_u, e_i⟩``.
+4. Losses (Eq. 7–14, 20–24) in :meth:`DGMRec.loss`, every weight from :class:`~dgmrec_dgl.config.DGMRecConfig`.
+5. Once per epoch (:meth:`DGMRec.before_epoch`): CLUB estimator steps, generation of missing raw features
+   (Eq. 12–15, :meth:`DGMRec.generate_features`) and, every ``refresh_every`` epochs, the refinement of the
+   kNN rows of items missing a modality (Eq. 16, FAISS + Numba through :mod:`dgmrec_dgl.graphs.refine`).
+
+Where the authors' release and the paper differ, the release is followed as ``DGMRec_SPEC.md`` records it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...config import DGMRecConfig
+from ...graphs.hetero import build_heterograph, replace_knn_relation
+from ...graphs.knn import KnnGraph, build_knn, normalize_knn
+from ...graphs.refine import refine_knn
+from ..base import Recommender
+from ..lightgcn import lightgcn
+from .club import CLUBEstimator
+from .encoders import GeneralEncoder, SpecificEncoder
+from .generators import ModalityDecoder, ModalityGenerator, perturb
+from .losses import bpr_loss, info_nce
+from .preference import PreferenceFilter
+from .propagation import propagate_modality, user_modality_features
+
+
+@dataclass
+class ModalityViews:
+    """One modality's features for all items / users (shapes ``[n_items, d]`` / ``[n_users, d]``)."""
+
+    general: torch.Tensor        # E^g_m, encoder output before filtering
+    specific: torch.Tensor       # E^s_m
+    preference: torch.Tensor     # p_{i,m}
+    item_general: torch.Tensor   # ḡ_m (filtered, propagated)
+    item_specific: torch.Tensor  # s̄_m
+    user_general: torch.Tensor   # f̄^g_{u,m}
+    user_specific: torch.Tensor  # f̄^s_{u,m}
+
+
+@dataclass
+class Representations:
+    user_id: torch.Tensor        # E_u from LightGCN [n_users, d]
+    item_id: torch.Tensor        # E_i [n_items, d]
+    modalities: dict[str, ModalityViews]
+
+    def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 17–18: final user and item representations."""
+        views = list(self.modalities.values())
+        n = len(views) + 1
+        item_mm = (torch.stack([v.item_general for v in views]).mean(0)
+                   + sum(v.item_specific for v in views)) / n
+        user_mm = (torch.stack([v.user_general for v in views]).mean(0)
+                   + sum(v.user_specific for v in views)) / n
+        return self.user_id + user_mm, self.item_id + item_mm
+
+
+class DGMRec(Recommender):
+    """The DGMRec model.
+
+    Args:
+        n_users, n_items: table sizes.
+        features: modality → float32 ``[n_items, d_m]`` imputed raw features (they become trainable tables).
+        present: modality → bool ``[n_items]``, False where the item lacks the modality.
+        config: hyper-parameters.
+        knn: modality → normalised kNN graph S^m (items missing m: a self-loop row).
+        targets: modality → item ids whose raw rows are generated every epoch (default: none).
+
+    Example::
+
+        model = DGMRec(ds.n_users, ds.n_items, ds.features, ds.present, DGMRecConfig(), knn, targets)
+        g = model.make_graph(ds)
+        reps = model(g)
+        loss, parts = model.loss(reps, users, pos, neg)
+    """
+
+    def __init__(self, n_users: int, n_items: int, features: dict[str, np.ndarray],
+                 present: dict[str, np.ndarray], config: DGMRecConfig, knn: dict[str, KnnGraph],
+                 targets: dict[str, np.ndarray] | None = None):
+        super().__init__()
+        if not features:
+            raise ValueError("DGMRec needs at least one modality with features")
+        if set(knn) != set(features):
+            raise ValueError(f"need one kNN graph per modality {sorted(features)}, got {sorted(knn)}")
+        self.config = config
+        self.knn = dict(knn)                   # current (refined) S^m
+        self.initial_knn = dict(knn)           # S^m at build time (the journal release scores with it)
+        self.targets = {m: torch.as_tensor(np.asarray((targets or {}).get(m, []), dtype=np.int64))
+                        for m in features}
+        self.refine_rows = {m: np.flatnonzero(~np.asarray(present[m], dtype=bool)) for m in features}
+        self.modalities = tuple(features)
+        d = config.embedding_dim
+        dims = {m: int(f.shape[1]) for m, f in features.items()}
+        self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users, d)))
+        self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, d)))
+        self.raw = nn.ParameterDict({m: nn.Parameter(torch.from_numpy(np.array(f, np.float32)))
+                                     for m, f in features.items()})
+        self.general = GeneralEncoder(dims, d)
+        self.specific = nn.ModuleDict({m: SpecificEncoder(dm, d) for m, dm in dims.items()})
+        self.preference = nn.ModuleDict({m: PreferenceFilter(d) for m in self.modalities})
+        self.decoders = nn.ModuleDict({m: ModalityDecoder(d, dm) for m, dm in dims.items()})
+        n_other = len(self.modalities) - 1
+        self.general_generators = nn.ModuleDict(
+            {m: ModalityGenerator(n_other * d, d) for m in self.modalities} if n_other else {})
+        self.specific_generators = nn.ModuleDict({m: ModalityGenerator(d, d) for m in self.modalities})
+        # The CLUB estimators are trained by their own optimiser (see auxiliary_optimizer()).
+        self.club = nn.ModuleDict({m: CLUBEstimator(d, config.club_hidden) for m in self.modalities})
+        for m, mask in present.items():
+            self.register_buffer(f"present_{m}", torch.from_numpy(np.asarray(mask, dtype=bool)))
+        self._club_optimizer = torch.optim.Adam(self.club.parameters(), lr=config.club_lr)
+
+    @classmethod
+    def from_dataset(cls, dataset, config: DGMRecConfig, seed: int = 0) -> DGMRec:
+        """Build the kNN graphs (FAISS) and generation targets of ``dataset`` and the model on them.
+
+        Generation targets are the items missing exactly one modality (release behaviour) or, with
+        ``generate_multi_missing``, every item missing it; new items are left out in the new-items setting.
+        """
+        knn = {m: normalize_knn(build_knn(dataset.features[m], config.knn_k, dataset.present[m],
+                                          index=config.knn_index, seed=seed, progress=False))
+               for m in dataset.modalities}
+        targets = {}
+        for m in dataset.modalities:
+            if dataset.mask is None:
+                rows = np.empty(0, np.int64)
+            elif config.generate_multi_missing:
+                rows = np.flatnonzero(~dataset.present[m])
+            else:
+                rows = dataset.mask.missing_exactly(m)
+            if dataset.new_items is not None:
+                rows = np.setdiff1d(rows, dataset.new_items)
+            targets[m] = rows
+        return cls(dataset.n_users, dataset.n_items, dataset.features, dataset.present, config, knn, targets)
+
+    # ------------------------------------------------------------------ Recommender hooks
+    def main_parameters(self):
+        club = {id(p) for p in self.club.parameters()}
+        return [p for p in self.parameters() if id(p) not in club]
+
+    def auxiliary_optimizer(self):
+        return self._club_optimizer
+
+    def make_graph(self, dataset):
+        """The heterograph: user–item relations plus ``knn_<m>`` for every modality."""
+        return build_heterograph(dataset, self.knn)
+
+    def scoring_graph(self, g):
+        """The graph scores are computed on: the refined one, or (release behaviour) the initial one."""
+        if self.config.score_with_refined_graph:
+            return g
+        for m, knn in self.initial_knn.items():
+            g = replace_knn_relation(g, m, knn)
+        return g
+
+    def graph_state(self) -> dict:
+        return {m: (k.indptr, k.indices, k.weights) for m, k in self.knn.items()}
+
+    def load_graph_state(self, state: dict, g):
+        for m, arrays in state.items():
+            self.knn[m] = KnnGraph(*arrays)
+            g = replace_knn_relation(g, m, self.knn[m])
+        return g
+
+    def before_epoch(self, epoch: int, g, generator: torch.Generator | None = None):
+        """CLUB steps, generation of missing raw rows, and (every ``refresh_every`` epochs) kNN refinement."""
+        cfg = self.config
+        log: dict = {}
+        if cfg.sampler:
+            for _ in range(cfg.club_steps):
+                log["club_nll"] = self.club_step(self._club_optimizer, cfg.club_batch, generator)
+        log["generated_rows"] = self.generate_features(g, self.targets, generator)
+        if epoch > 0 and epoch % cfg.refresh_every == 0:
+            g = self.refine_graphs(g)
+            log["refined_rows"] = {m: int(len(r)) for m, r in self.refine_rows.items()}
+        return g, log
+
+    def refine_graphs(self, g):
+        """Eq. 16 on the rows of items missing each modality, from the current raw features."""
+        cfg = self.config
+        for m, rows in self.refine_rows.items():
+            if len(rows) == 0:
+                continue
+            self.knn[m] = refine_knn(self.knn[m], self.raw[m].detach().numpy(), rows, alpha=1.0 - cfg.avg_lambda,
+                                     k=cfg.knn_k, sources=cfg.refine_sources,
+                                     present=self.present(m).numpy(), index=cfg.knn_index, progress=False)
+            g = replace_knn_relation(g, m, self.knn[m])
+        return g
+
+    def present(self, modality: str) -> torch.Tensor:
+        return getattr(self, f"present_{modality}")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, g) -> Representations:
+        """All representations on graph ``g`` (user–item relations and one ``knn_<m>`` per modality)."""
+        cfg = self.config
+        user_id, item_id = lightgcn(g, self.user_emb, self.item_emb, cfg.n_ui_layers)
+        views = {}
+        for m in self.modalities:
+            x = self.raw[m]
+            general, specific = self.general(m, x), self.specific[m](x)
+            pref = self.preference[m](g, self.user_emb)
+            h = propagate_modality(g, m, torch.cat([pref * general, pref * specific], dim=1), cfg.n_mm_layers)
+            hu = user_modality_features(g, h)
+            views[m] = ModalityViews(general, specific, pref, *h.chunk(2, dim=1), *hu.chunk(2, dim=1))
+        return Representations(user_id, item_id, views)
+
+    def fused(self, reps: Representations) -> tuple[torch.Tensor, torch.Tensor]:
+        return reps.fused()
+
+    # ------------------------------------------------------------------ losses
+    def loss(self, reps: Representations, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Eq. 24 on a batch of triples (users, pos, neg) [B]; returns the total and its parts."""
+        cfg = self.config
+        views = reps.modalities
+        user_all, item_all = reps.fused()
+        u, i, j = user_all[users], item_all[pos], item_all[neg]
+        batch = len(users)
+        parts: dict[str, torch.Tensor] = {"bpr": bpr_loss(u, i, j)}
+
+        e_u, e_i, e_j = reps.user_id[users], reps.item_id[pos], reps.item_id[neg]
+        reg = cfg.reg_id * (e_u.norm() + e_i.norm() + e_j.norm()) / batch
+        reg = reg + cfg.reg * sum((v.item_general[pos] + v.item_specific[pos]).norm() for v in views.values()) / batch
+        parts["reg"] = reg
+
+        general_u = sum(v.user_general[users] for v in views.values())
+        general_i = sum(v.item_general[pos] for v in views.values())
+        if cfg.intra_modal:   # UI-align, Eq. 21
+            intra = info_nce(e_u, e_i, cfg.intra_modal_temp) + info_nce(general_u, general_i, cfg.inter_modal_temp)
+            for v in views.values():
+                intra = intra + info_nce(v.user_specific[users], v.item_specific[pos], cfg.intra_modal_temp)
+            parts["ui_align"] = cfg.intra_modal * intra
+        if cfg.align_bm:      # BM-align, Eq. 20
+            parts["bm_align"] = cfg.align_bm * (info_nce(e_i, general_i, cfg.align_bm_temp)
+                                                + info_nce(e_u, general_u, cfg.align_bm_temp))
+        unique_pos = torch.unique(pos)
+        if cfg.inter_modal and len(views) > 1:   # InfoNCE across modalities' general features, Eq. 8
+            inter = 0.0
+            for a, b in combinations(self.modalities, 2):
+                both = unique_pos[self.present(a)[unique_pos] & self.present(b)[unique_pos]]
+                if len(both) > 1:
+                    inter = inter + info_nce(views[a].general[both], views[b].general[both], cfg.inter_modal_temp)
+                inter = inter + info_nce(views[a].user_general[users], views[b].user_general[users],
+                                         cfg.inter_modal_temp)
+            parts["inter_modal"] = cfg.inter_modal * inter
+        if cfg.sampler:       # CLUB, Eq. 7 (estimator evaluated only)
+            parts["club"] = cfg.sampler * sum(
+                self.club[m](v.item_specific[pos], v.item_general[pos], generator) for m, v in views.items())
+        if cfg.recon:         # Eq. 10–11 over all items; decoder input detached
+            parts["recon"] = cfg.recon * sum(
+                F.mse_loss(self.decoders[m](perturb(v.item_general.detach(), cfg.perturb_eps, generator),
+                                            perturb(v.item_specific.detach(), cfg.perturb_eps, generator)),
+                           self.raw[m])
+                for m, v in views.items())
+        if cfg.additive:      # Eq. 12–14 on in-batch items that have the modality
+            parts["gen"] = cfg.additive * self._generation_loss(views, unique_pos, generator)
+        total = sum(parts.values())
+        return total, {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in parts.items()}
+
+    def _generation_loss(self, views, items, generator):
+        eps = self.config.perturb_eps
+        loss = 0.0
+        for m, v in views.items():
+            has = items[self.present(m)[items]]
+            if len(has):
+                fake = self.specific_generators[m](perturb(v.preference[has], eps, generator))
+                loss = loss + F.mse_loss(fake, v.specific[has])
+            if m in self.general_generators:
+                others = [o for o in self.modalities if o != m]
+                keep = self.present(m)[items]
+                for o in others:
+                    keep = keep & self.present(o)[items]
+                full = items[keep]
+                if len(full):
+                    source = torch.cat([perturb(views[o].item_general[full], eps, generator) for o in others], 1)
+                    loss = loss + F.mse_loss(self.general_generators[m](source), v.item_general[full])
+        return loss
+
+    # ------------------------------------------------------------------ CLUB estimator steps
+    def club_step(self, optimizer: torch.optim.Optimizer, n_samples: int,
+                  generator: torch.Generator | None = None) -> float:
+        """One maximum-likelihood step of every estimator on random items (encoder outputs, no filtering)."""
+        n_items = self.item_emb.shape[0]
+        idx = torch.randperm(n_items, generator=generator)[:n_samples]
+        with torch.no_grad():
+            pairs = {m: (self.specific[m](self.raw[m][idx]), self.general(m, self.raw[m][idx]))
+                     for m in self.modalities}
+        optimizer.zero_grad(set_to_none=True)
+        nll = -sum(self.club[m].log_likelihood(s, gen) for m, (s, gen) in pairs.items())
+        nll.backward()
+        optimizer.step()
+        return float(nll.detach())
+
+    # ------------------------------------------------------------------ generation (Eq. 12–15)
+    @torch.no_grad()
+    def generate_features(self, g, targets: dict[str, torch.Tensor],
+                          generator: torch.Generator | None = None) -> dict[str, int]:
+        """Overwrite the raw-feature rows ``targets[m]`` with generated features X̂_m.
+
+        General features come from the other modalities' ḡ through G^g_m (Eq. 12), specific ones from the
+        item preference through G^s_m (Eq. 13); both are propagated on S^m, perturbed and decoded (Eq. 15).
+
+        Returns:
+            rows written per modality.
+        """
+        cfg = self.config
+        reps = self(g)
+        written = {}
+        for m, rows in targets.items():
+            if len(rows) == 0:
+                written[m] = 0
+                continue
+            v = reps.modalities[m]
+            others = [o for o in self.modalities if o != m]
+            if others:
+                general = self.general_generators[m](torch.cat([reps.modalities[o].item_general for o in others], 1))
+            else:
+                general = v.item_general
+            specific = self.specific_generators[m](v.preference)
+            h = propagate_modality(g, m, torch.cat([general, specific], dim=1), cfg.n_mm_layers)
+            gen_hat, spec_hat = h[rows].chunk(2, dim=1)
+            decoded = self.decoders[m](perturb(gen_hat, cfg.perturb_eps, generator),
+                                       perturb(spec_hat, cfg.perturb_eps, generator))
+            self.raw[m].data[rows] = decoded
+            written[m] = int(len(rows))
+        return written

@@ -1,0 +1,28 @@
+"""Modality-graph propagation and user modality features (DGMRec Eq. 4–6).
+
+.. math::
+    \\bar E^{(l)}_m = S^m \\bar E^{(l-1)}_m,\\quad \\bar E^{(0)}_m = \\tilde E_m,\\quad \\bar E_m = \\bar E^{(L)}_m,
+    \\qquad \\bar f_{u,m} = \\frac{1}{|N_u|}\\sum_{i \\in N_u} \\bar e_{i,m}
+
+``S^m`` is the normalised top-k cosine graph of modality m, stored as the heterograph relation
+``('item', 'knn_<m>', 'item')``; the LAST layer is the output (not a layer mean). General and specific
+features travel together as one ``[n_items, 2d]`` tensor, one sparse product per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...graphs.hetero import mean_aggregate, propagate
+
+
+def propagate_modality(g, modality: str, h: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """``n_layers`` steps of ``h ← S^m h`` on ``h`` [n_items, w]; returns the last layer."""
+    for _ in range(n_layers):
+        h = propagate(g, f"knn_{modality}", h)
+    return h
+
+
+def user_modality_features(g, item_h: torch.Tensor) -> torch.Tensor:
+    """Eq. 6: ``item_h`` [n_items, w] → [n_users, w], mean over each user's train items."""
+    return mean_aggregate(g, "interacted_by", item_h)

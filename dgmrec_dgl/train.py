@@ -1,0 +1,232 @@
+"""Training any :class:`~dgmrec_dgl.models.base.Recommender`: one readable loop, timing and logging inline.
+
+Per epoch (the reference schedule, DGMRec_SPEC §1 and §4):
+
+1. ``model.before_epoch``: for DGMRec the CLUB estimator steps, the generation of the raw-feature rows of
+   items missing a modality and, every ``refresh_every`` epochs, the refinement of their kNN rows (Eq. 16).
+2. BPR triples (one uniform negative per train interaction, Numba sampler), mini-batches, Adam with the
+   lr multiplied by ``lr_decay^(epoch / lr_decay_every)``.
+3. Every ``eval_every`` epochs: valid Recall@20 (full ranking); the best model is checkpointed atomically
+   and tested; training stops after ``patience`` validations without improvement.
+
+Each epoch appends one JSON line to ``log.jsonl`` (losses; seconds in training, generation/refinement and
+evaluation). ``last.pt`` is written atomically after every epoch, so ``resume=True`` continues a killed
+run to the same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kernels.sampling import bpr_triples
+
+from .config import Config, load_config, save_config
+from .data.dataset import Dataset
+from .data.masks import MissingMask
+from .data.new_items import new_items_split
+from .errors import DataError
+from .evaluate import evaluate
+from .inject import apply_injection
+from .io_utils import atomic_path, atomic_write_json
+from .models import build_model
+from .models.base import Recommender
+
+
+def load_dataset(config: Config) -> Dataset:
+    """The dataset of ``config.data``: loaded, new-items split if asked, masked, imputed."""
+    cfg = config.data
+    dataset = Dataset.load(cfg.dir, inter=cfg.inter, require_features=True)
+    if cfg.new_items:
+        dataset = new_items_split(dataset, seed=cfg.new_items_seed)
+    if cfg.mask:
+        dataset = dataset.with_mask(cfg.mask, allow_pickle=cfg.allow_pickle, imputation=cfg.imputation)
+    elif cfg.missing_ratio is not None:
+        mask = MissingMask.generate(dataset.n_items, dataset.modalities, cfg.missing_ratio, cfg.mask_seed)
+        dataset = dataset.with_mask(mask, imputation=cfg.imputation)
+    return apply_injection(dataset, cfg)   # data.inject: none (default), mean or nn (dgmrec_dgl.inject)
+
+
+# ---------------------------------------------------------------------- state
+@dataclass
+class RunState:
+    epoch: int = 0                      # next epoch to run
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+    bad_validations: int = 0
+    stopped: bool = False
+
+
+def _save(path, **payload):
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(payload, tmp)
+
+
+def _lr_factor(config: Config):
+    t = config.train
+    return lambda epoch: t.lr_decay ** (epoch / t.lr_decay_every)
+
+
+# ---------------------------------------------------------------------- training
+def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool = True,
+          max_epochs: int | None = None) -> dict:
+    """Train the configured model; write the run folder; return ``metrics.json``'s content.
+
+    Args:
+        config: the resolved configuration.
+        out_dir: run folder (config.yaml, log.jsonl, last.pt, best.pt, metrics.json).
+        resume: continue from ``out_dir/last.pt`` when it exists.
+        progress: tqdm bar.
+        max_epochs: stop after this many epochs of this call (to test resuming).
+    """
+    tcfg = config.train
+    os.makedirs(out_dir, exist_ok=True)
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    torch.manual_seed(tcfg.seed)
+
+    t_start = time.perf_counter()
+    dataset = load_dataset(config)
+    model = build_model(config, dataset)
+    g = model.make_graph(dataset)
+    optimizer = torch.optim.Adam(model.main_parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
+    auxiliary = model.auxiliary_optimizer()
+    generator = torch.Generator().manual_seed(tcfg.seed)
+    state = RunState()
+
+    last_path, log_path = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "log.jsonl")
+    if resume and os.path.exists(last_path):
+        ckpt = torch.load(last_path, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if auxiliary is not None:
+            auxiliary.load_state_dict(ckpt["auxiliary"])
+        generator.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        state = RunState(**ckpt["state"])
+        g = model.load_graph_state(ckpt["graph_state"], g)
+        _truncate_log(log_path, state.epoch)
+    else:
+        save_config(config, os.path.join(out_dir, "config.yaml"))
+        for stale in (log_path, last_path, os.path.join(out_dir, "metrics.json")):
+            if os.path.exists(stale):
+                os.unlink(stale)
+    train_csr = dataset.train_matrix()
+    setup_seconds = time.perf_counter() - t_start
+
+    run_epochs = 0
+    bar = tqdm(range(state.epoch, tcfg.epochs), desc=config.model.name, disable=not progress,
+               initial=state.epoch, total=tcfg.epochs)
+    for epoch in bar:
+        if state.stopped or (max_epochs is not None and run_epochs >= max_epochs):
+            break
+        record: dict = {"epoch": epoch}
+        model.train()
+        t0 = time.perf_counter()
+        g, record["before_epoch"] = model.before_epoch(epoch, g, generator)
+        t1 = time.perf_counter()
+
+        users, pos, neg = (torch.from_numpy(a) for a in bpr_triples(
+            train_csr.indptr, train_csr.indices, dataset.n_items, tcfg.seed * 100003 + epoch))
+        sums: dict[str, float] = {}
+        n_batches = 0
+        for start in range(0, len(users), tcfg.batch_size):
+            sl = slice(start, start + tcfg.batch_size)
+            loss, parts = model.loss(model(g), users[sl], pos[sl], neg[sl], generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_batches += 1
+        scheduler.step()
+        t2 = time.perf_counter()
+        record["loss"] = {k: v / max(n_batches, 1) for k, v in sums.items()}
+        record["lr"] = optimizer.param_groups[0]["lr"]
+
+        if (epoch + 1) % tcfg.eval_every == 0:
+            g_score = model.scoring_graph(g)
+            valid = evaluate_model(model, g_score, dataset, "valid", config)
+            record["valid"] = valid
+            metric = valid[config.eval.select_metric]
+            if metric > state.best_metric:
+                state.best_metric, state.best_epoch, state.bad_validations = metric, epoch, 0
+                test = evaluate_model(model, g_score, dataset, "test", config)
+                record["test"] = test
+                _save(os.path.join(out_dir, "best.pt"), model=model.state_dict(), epoch=epoch,
+                      graph_state=model.graph_state())
+                atomic_write_json(os.path.join(out_dir, "metrics.json"),
+                                  {"best_epoch": epoch, "valid": valid, "test": test})
+            else:
+                state.bad_validations += 1
+                state.stopped = state.bad_validations >= tcfg.patience
+        t3 = time.perf_counter()
+        record["seconds"] = {"train": t2 - t1, "before_epoch": t1 - t0, "eval": t3 - t2}
+        bar.set_postfix(loss=f"{sum(record['loss'].values()):.4f}",
+                        best=f"{state.best_metric:.4f}" if state.best_epoch >= 0 else "-")
+        with open(log_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        state.epoch = epoch + 1
+        run_epochs += 1
+        _save(last_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
+              scheduler=scheduler.state_dict(),
+              auxiliary=auxiliary.state_dict() if auxiliary is not None else None,
+              generator=generator.get_state(), torch_rng=torch.get_rng_state(), state=asdict(state),
+              graph_state=model.graph_state())
+    bar.close()
+    metrics_path = os.path.join(out_dir, "metrics.json")
+    result = {}
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as fh:
+            result = json.load(fh)
+    result["setup_seconds"] = setup_seconds
+    result["epochs_run"] = state.epoch
+    return result
+
+
+def evaluate_model(model: Recommender, g, dataset: Dataset, split: str, config: Config) -> dict[str, float]:
+    """Full-ranking metrics of ``model`` on ``split``."""
+    model.eval()
+    with torch.no_grad():
+        user, item = model.fused(model(g))
+        result = evaluate(lambda users: user[users] @ item.T, dataset, split, config.eval.ks,
+                          budget_bytes=config.eval.budget_mb << 20)
+    model.train()
+    return result
+
+
+def load_run(run_dir: str):
+    """``(config, dataset, model, graph)`` of a run folder's best checkpoint, ready to score."""
+    config_path, best_path = os.path.join(run_dir, "config.yaml"), os.path.join(run_dir, "best.pt")
+    for path in (config_path, best_path):
+        if not os.path.exists(path):
+            raise DataError(path, "file", "does not exist",
+                            "pass a run folder written by `dgmrec-dgl train` that reached a validation")
+    config = load_config(config_path)
+    dataset = load_dataset(config)
+    ckpt = torch.load(best_path, weights_only=False)
+    model = build_model(config, dataset)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    g = model.load_graph_state(ckpt["graph_state"], model.make_graph(dataset))
+    return config, dataset, model, model.scoring_graph(g)
+
+
+def _truncate_log(path: str, n_epochs: int) -> None:
+    """Keep the first ``n_epochs`` lines of a log (an interrupted epoch may have logged past the checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        lines = fh.readlines()[:n_epochs]
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as fh:
+            fh.writelines(lines)
