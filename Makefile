@@ -17,9 +17,11 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dgmrec-dgl data synth --out $(DEMO) --preset demo
+	$(BIN)/dgmrec-dgl data synth --out $(DEMO) --preset demo --quiet
 	$(BIN)/dgmrec-dgl data mask $(DEMO) --ratio 2/3 --seed 2024
 	$(BIN)/dgmrec-dgl data check $(DEMO) --mask $(DEMO)/missing_items_0.666.npz
+	$(BIN)/dgmrec-dgl train --config configs/dgmrec/demo.yaml --data $(DEMO) \
+		--mask $(DEMO)/missing_items_0.666.npz --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
