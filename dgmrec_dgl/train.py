@@ -96,7 +96,7 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
     dataset = load_dataset(config)
     model = build_model(config, dataset)
     g = model.make_graph(dataset)
-    optimizer = torch.optim.Adam(model.main_parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    optimizer = torch.optim.Adam(model.main_parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
     auxiliary = model.auxiliary_optimizer()
     generator = torch.Generator().manual_seed(tcfg.seed)

@@ -113,6 +113,8 @@ class SynthConfig:
         mean_interactions: mean items drawn per user before de-duplication and filtering.
         activity_sigma: log-std of the log-normal user activity (larger = longer-tailed user counts).
         affinity_scale: weight of the latent affinity against the Gumbel noise when users choose.
+        candidates_per_pick: popularity-drawn candidates per kept item; more candidates let the latent
+            affinity, rather than popularity, decide (stronger personal signal).
         core: k of the k-core filter (MMRec uses 5); 1 keeps every drawn interaction.
         seed: master seed.
     """
@@ -128,6 +130,7 @@ class SynthConfig:
     mean_interactions: float = 20.0
     activity_sigma: float = 1.0
     affinity_scale: float = 2.0
+    candidates_per_pick: int = CANDIDATES_PER_PICK
     core: int = 5
     seed: int = 0
 
@@ -136,7 +139,7 @@ class SynthConfig:
         if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
             raise ValueError(f"SynthConfig.name={self.name!r}: use letters, digits, '_', '.', '-' "
                              "(it becomes the file name <name>.inter)")
-        for key in ("n_users", "n_items", "rank_shared", "rank_specific", "core"):
+        for key in ("n_users", "n_items", "rank_shared", "rank_specific", "core", "candidates_per_pick"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"SynthConfig.{key}={getattr(self, key)!r}: must be >= 1")
             setattr(self, key, int(getattr(self, key)))
@@ -189,10 +192,12 @@ _MMREC_DIMS = {"image": 4096, "text": 384}
 #: ``large`` is a scale test: 200,000 users x 1,000,000 items (~20M interactions), with **384-dim image
 #: and 384-dim text** features (a 4096-dim image matrix for 1M items alone would be 16 GB).
 PRESETS: dict[str, SynthConfig] = {
+    # toy and demo: choices driven by the latents more than by popularity (32 candidates per pick),
+    # so a model that reads the modalities can beat a popularity ranker.
     "toy": SynthConfig(name="toy", n_users=600, n_items=400, dims={"image": 256, "text": 64},
-                       mean_interactions=20.0),
+                       mean_interactions=20.0, candidates_per_pick=32, affinity_scale=4.0),
     "demo": SynthConfig(name="demo", n_users=3000, n_items=2000, dims={"image": 512, "text": 128},
-                        mean_interactions=20.0),
+                        mean_interactions=20.0, candidates_per_pick=32, affinity_scale=4.0),
     "baby": SynthConfig(name="baby", n_users=19453, n_items=7076, dims=_MMREC_DIMS,
                         mean_interactions=8.87, pop_exponent=0.5),
     "sports": SynthConfig(name="sports", n_users=35988, n_items=19112, dims=_MMREC_DIMS,
@@ -291,7 +296,7 @@ def _draw_interactions(cfg, users, items_full, item_of_rank, k, progress):
     ``users`` is ``[n_users, r_user]``, ``items_full`` ``[n_items, r_user]`` (the concatenated item
     latents), ``k`` ``[n_users]`` the items each user keeps.
     """
-    candidates = k * CANDIDATES_PER_PICK
+    candidates = k * cfg.candidates_per_pick
     chunk_of_user = (np.cumsum(candidates) - candidates) // CANDIDATE_BUDGET
     bounds = np.concatenate([[0], np.flatnonzero(np.diff(chunk_of_user)) + 1, [cfg.n_users]])
     scale = cfg.affinity_scale / math.sqrt(cfg.rank_user)
@@ -595,7 +600,7 @@ def generate(out_dir: str | os.PathLike, config: SynthConfig, *, progress: bool 
             "format_version": 1,
             "config": cfg.to_dict(),
             "constants": {"hidden": HIDDEN, "pre_activation_std": PRE_ACTIVATION_STD,
-                          "candidates_per_pick": CANDIDATES_PER_PICK, "candidate_budget": CANDIDATE_BUDGET,
+                          "candidate_budget": CANDIDATE_BUDGET,
                           "noise_block": NOISE_BLOCK, "eval_fraction": EVAL_FRACTION},
             "counts": {"drawn": {"n_users": cfg.n_users, "n_items": cfg.n_items, "n_interactions": n_drawn},
                        "kept": {k: v for k, v in summary.items() if k != "name"}},

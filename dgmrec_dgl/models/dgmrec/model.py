@@ -120,7 +120,7 @@ class DGMRec(Recommender):
         self.club = nn.ModuleDict({m: CLUBEstimator(d, config.club_hidden) for m in self.modalities})
         for m, mask in present.items():
             self.register_buffer(f"present_{m}", torch.from_numpy(np.asarray(mask, dtype=bool)))
-        self._club_optimizer = torch.optim.Adam(self.club.parameters(), lr=config.club_lr)
+        self._club_optimizer = torch.optim.Adam(self.club.parameters(), lr=config.club_lr, fused=True)
 
     @classmethod
     def from_dataset(cls, dataset, config: DGMRecConfig, seed: int = 0) -> DGMRec:
