@@ -88,6 +88,7 @@ class DGMRecConfig:
     club_lr: float = 1e-4
     club_steps: int = 5
     club_batch: int = 2048
+    generate: bool = True                  # False: no generation and no refinement (Table 4 "w/o Generation")
     generate_multi_missing: bool = False   # also overwrite rows of items missing several modalities
     score_with_refined_graph: bool = True  # False reproduces the journal release (initial graph at scoring)
     refine_sources: str = "present"        # paper: edges from items having m; "all" as the release

@@ -160,7 +160,7 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
             metric = valid[config.eval.select_metric]
             if metric > state.best_metric:
                 state.best_metric, state.best_epoch, state.bad_validations = metric, epoch, 0
-                test = evaluate_model(model, g_score, dataset, "test", config)
+                test = evaluate_model(model, g_score, dataset, "test", config, by_missing_level=True)
                 record["test"] = test
                 _save(os.path.join(out_dir, "best.pt"), model=model.state_dict(), epoch=epoch,
                       graph_state=model.graph_state())
@@ -193,13 +193,19 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
     return result
 
 
-def evaluate_model(model: Recommender, g, dataset: Dataset, split: str, config: Config) -> dict[str, float]:
-    """Full-ranking metrics of ``model`` on ``split``."""
+def evaluate_model(model: Recommender, g, dataset: Dataset, split: str, config: Config,
+                   by_missing_level: bool = False) -> dict[str, float]:
+    """Full-ranking metrics of ``model`` on ``split``.
+
+    With ``by_missing_level`` (and a mask), adds ``<metric>/group=g``: the metric over held-out items
+    missing g modalities (the paper's Fig. 3 breakdown).
+    """
+    groups = dataset.mask.n_missing() if by_missing_level and dataset.mask is not None else None
     model.eval()
     with torch.no_grad():
         user, item = model.fused(model(g))
         result = evaluate(lambda users: user[users] @ item.T, dataset, split, config.eval.ks,
-                          budget_bytes=config.eval.budget_mb << 20)
+                          budget_bytes=config.eval.budget_mb << 20, item_groups=groups)
     model.train()
     return result
 

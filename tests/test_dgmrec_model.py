@@ -98,3 +98,24 @@ def test_training_learns_and_resume_gives_the_same_result(toy_dir, tmp_path):
     assert resumed["best_epoch"] == full["best_epoch"]
     assert resumed["test"] == full["test"] and resumed["valid"] == full["valid"]
     assert len(open(part / "log.jsonl").readlines()) == 6
+
+
+def test_without_generation_switch_leaves_features_and_graphs_alone(toy_dir):
+    config = toy_config(toy_dir)
+    config.model.generate = False
+    ds = load_dataset(config)
+    model = build_model(config, ds)
+    g = model.make_graph(ds)
+    before = {m: model.raw[m].detach().clone() for m in ds.modalities}
+    knn = dict(model.knn)
+    for epoch in range(3):
+        g, log = model.before_epoch(epoch * config.model.refresh_every, g, torch.Generator().manual_seed(0))
+    for m in ds.modalities:
+        assert torch.equal(model.raw[m].detach(), before[m]) and model.knn[m] is knn[m]
+
+
+def test_test_metrics_are_broken_down_by_missing_level(toy_dir, tmp_path):
+    config = toy_config(toy_dir, epochs=2, eval_every=2)
+    result = train(config, str(tmp_path / "run"), progress=False)
+    levels = {key.split("group=")[1] for key in result["test"] if "group=" in key}
+    assert levels <= {"0", "1", "2"} and "0" in levels and len(levels) >= 2

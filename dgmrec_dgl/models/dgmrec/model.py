@@ -181,6 +181,8 @@ class DGMRec(Recommender):
         if cfg.sampler:
             for _ in range(cfg.club_steps):
                 log["club_nll"] = self.club_step(self._club_optimizer, cfg.club_batch, generator)
+        if not cfg.generate:
+            return g, log
         log["generated_rows"] = self.generate_features(g, self.targets, generator)
         if epoch > 0 and epoch % cfg.refresh_every == 0:
             g = self.refine_graphs(g)
