@@ -147,6 +147,15 @@ def replace_knn_relation(g, modality: str, knn: KnnGraph):
     return dgl.DGLGraph(index, g.ntypes, g.etypes, node_frames, edge_frames)
 
 
+def _endpoints(g, etype, h: torch.Tensor) -> tuple[str, str]:
+    """Source and destination node types of ``etype``, after checking ``h`` has a row per source node."""
+    src_type, _, dst_type = g.to_canonical_etype(etype)
+    if h.shape[0] != g.num_nodes(src_type):
+        raise ValueError(f"h has {h.shape[0]} rows but the relation {etype} has {g.num_nodes(src_type)} "
+                         f"{src_type} source nodes")
+    return src_type, dst_type
+
+
 def propagate(g, etype, h: torch.Tensor, weight: str = "w") -> torch.Tensor:
     """One weighted message-passing step over one relation: ``out[v] = sum_{(u,v)} w_uv h[u]``.
 
@@ -160,10 +169,7 @@ def propagate(g, etype, h: torch.Tensor, weight: str = "w") -> torch.Tensor:
         [n_dst_nodes, d]; a node without incoming edges gets zeros. Differentiable w.r.t. ``h`` and the
         edge weights.
     """
-    src_type, _, dst_type = g.to_canonical_etype(etype)
-    if h.shape[0] != g.num_nodes(src_type):
-        raise ValueError(f"h has {h.shape[0]} rows but the relation {etype} has {g.num_nodes(src_type)} "
-                         f"{src_type} source nodes")
+    src_type, dst_type = _endpoints(g, etype, h)
     with g.local_scope():
         g.nodes[src_type].data["_h"] = h
         g.update_all(fn.u_mul_e("_h", weight, "_m"), fn.sum("_m", "_out"), etype=etype)
@@ -184,10 +190,7 @@ def mean_aggregate(g, etype, h: torch.Tensor) -> torch.Tensor:
     Returns:
         [n_dst_nodes, d].
     """
-    src_type, _, dst_type = g.to_canonical_etype(etype)
-    if h.shape[0] != g.num_nodes(src_type):
-        raise ValueError(f"h has {h.shape[0]} rows but the relation {etype} has {g.num_nodes(src_type)} "
-                         f"{src_type} source nodes")
+    src_type, dst_type = _endpoints(g, etype, h)
     with g.local_scope():
         g.nodes[src_type].data["_h"] = h
         g.update_all(fn.copy_u("_h", "_m"), fn.mean("_m", "_out"), etype=etype)
