@@ -30,7 +30,7 @@ from kernels.refine import refine_rows, sym_normalize_rows
 __all__ = ["refine_knn", "source_degree"]
 
 
-def source_degree(graph: KnnGraph, features: np.ndarray, items, *, chunk_size: int = 65_536) -> np.ndarray:
+def source_degree(graph: KnnGraph, features: np.ndarray, items, *, chunk_size: int = 16_384) -> np.ndarray:
     """Raw degree of ``items`` re-derived from the current features along the graph's edges.
 
     For each item j: sum over the entries (j, l) of ``graph`` of cos(x_j, x_l), i.e. the row sum that the
@@ -53,10 +53,10 @@ def source_degree(graph: KnnGraph, features: np.ndarray, items, *, chunk_size: i
     out = np.zeros(items.size, dtype=np.float64)
     for lo in range(0, entries.size, chunk_size):
         e = entries[lo:lo + chunk_size]
-        a = features[items[owner[lo:lo + chunk_size]]].astype(np.float64)
-        b = features[graph.indices[e]].astype(np.float64)
+        a = features[items[owner[lo:lo + chunk_size]]]
+        b = features[graph.indices[e]]
         cos = np.einsum("ij,ij->i", a, b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-        out += np.bincount(owner[lo:lo + chunk_size], weights=cos, minlength=items.size)
+        out += np.bincount(owner[lo:lo + chunk_size], weights=cos.astype(np.float64), minlength=items.size)
     return out
 
 

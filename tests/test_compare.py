@@ -1,0 +1,116 @@
+"""The comparison harness: per-seed runs through the one trainer, Table-2 / Fig.-4 reports, resumability."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+
+import numpy as np
+import pytest
+
+from dgmrec_dgl.compare import add_compare_parser, compare, markdown_table, summarise
+from dgmrec_dgl.data.synthetic import generate, preset
+
+FAST = {"eval_every": 2, "patience": 2, "batch_size": 1024, "threads": 1}
+
+
+@pytest.fixture(autouse=True)
+def _one_numba_thread():
+    """Idle OpenMP workers of the Numba sampler spin and slow DGL steps several-fold on a busy machine."""
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "toy"
+    generate(out, preset("toy", n_users=150, n_items=120), progress=False)
+    return out
+
+
+def _rows(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_summary_and_bold_best():
+    runs = [{"setting": "mask", "ratio": None, "model": m, "seed": s, "recall@20": v, "recall@50": v,
+             "ndcg@20": v, "ndcg@50": v} for m, vals in (("lightgcn", (0.2, 0.4)), ("mfbpr", (0.1, 0.1)))
+            for s, v in zip((1, 2), vals)]
+    summary = summarise(runs)
+    assert summary[0]["recall@20_mean"] == pytest.approx(0.3)
+    assert summary[0]["recall@20_std"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
+    assert summary[1]["recall@20_std"] == 0.0
+    table = markdown_table(summary, "mask")
+    assert "| LightGCN | **0.3000 ± 0.1414** |" in table and "| MF-BPR | 0.1000 ± 0.0000 |" in table
+
+
+def test_compare_writes_reports_and_reuses_finished_runs(toy_dir, tmp_path):
+    out = tmp_path / "cmp"
+    lines = []
+    result = compare(["lightgcn", "mfbpr"], toy_dir, out, [1, 2], ratios=None, epochs=2,
+                     train_overrides=FAST, log=lines.append)
+    for name in ("report.md", "report.csv", "report.png", "runs.csv"):
+        assert (out / name).exists()
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = _rows(out / "runs.csv")
+    assert [(r["model"], r["seed"]) for r in runs] == [("lightgcn", "1"), ("lightgcn", "2"), ("mfbpr", "1"),
+                                                      ("mfbpr", "2")]
+    report = _rows(out / "report.csv")
+    assert {r["model"] for r in report} == {"lightgcn", "mfbpr"} and all(r["n_seeds"] == "2" for r in report)
+    text = (out / "report.md").read_text()
+    assert "| Model | R@20 | R@50 | N@20 | N@50 |" in text and "**" in text
+    assert len(lines) == 4 and not any("reused" in line for line in lines)
+    # a second call reuses every finished run and gives the same table
+    again = compare(["lightgcn", "mfbpr"], toy_dir, out, [1, 2], epochs=2, train_overrides=FAST,
+                    log=lines.append)
+    assert all("reused" in line for line in lines[4:])
+    assert again["summary"] == result["summary"]
+    # a changed config (more epochs) is not reused
+    compare(["mfbpr"], toy_dir, out, [1], epochs=4, train_overrides=FAST, log=lines.append)
+    assert "reused" not in lines[-1]
+
+
+def test_missing_ratios_write_the_robustness_curve(toy_dir, tmp_path):
+    out = tmp_path / "rob"
+    compare(["mfbpr"], toy_dir, out, [1], ratios=[0.0, 0.5], epochs=2, train_overrides=FAST, inject="nn",
+            log=lambda *_: None)
+    rows = _rows(out / "robustness.csv")
+    assert [float(r["ratio"]) for r in rows] == [0.0, 0.5]
+    assert float(rows[0]["relative_drop_pct"]) == 0.0
+    assert (out / "robustness.png").exists()
+    report = _rows(out / "report.csv")
+    assert [r["setting"] for r in report] == ["ratio0", "ratio0.5"]
+    assert "feature injection: nn" in (out / "report.md").read_text()
+
+
+def test_cli_parser_quick_and_bad_input(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_compare_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compare", "--quick", "--models", "lightgcn,mfbpr", "--seeds", "7", "--epochs", "3",
+                              "--out", str(tmp_path / "q"), "--threads", "1"])
+    assert args.run(args) == 0
+    for name in ("report.md", "report.csv", "report.png"):
+        assert (tmp_path / "q" / name).exists()
+    assert (tmp_path / "q" / "data" / "toy" / "missing_items_0.666.npz").exists()
+    bad = parser.parse_args(["compare", "--models", "lightgcn,nope", "--out", str(tmp_path / "b"), "--quick"])
+    assert bad.run(bad) == 2
+    assert "nope" in capsys.readouterr().err
+    nodata = parser.parse_args(["compare", "--out", str(tmp_path / "c")])
+    assert nodata.run(nodata) == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["compare", "--out", "x", "--missing-ratios", "0.2,1.5"])
+
+
+@pytest.mark.slow
+def test_quick_with_all_four_models(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_compare_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compare", "--quick", "--out", str(tmp_path / "q"), "--threads", "1"])
+    assert args.run(args) == 0
+    models = {r["model"] for r in _rows(tmp_path / "q" / "report.csv")}
+    assert models == {"dgmrec", "ci2mg", "lightgcn", "mfbpr"}
