@@ -246,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--users", required=True, help="comma-separated user ids")
     rec.add_argument("--k", type=int, default=20)
     rec.set_defaults(run=_cmd_recommend)
+
+    from .compare import add_compare_parser
+
+    add_compare_parser(commands)
     return parser
 
 
