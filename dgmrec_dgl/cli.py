@@ -123,6 +123,8 @@ def _cmd_train(args) -> int:
         overrides["data"]["new_items"] = True
     if args.allow_pickle:
         overrides["data"]["allow_pickle"] = True
+    if args.inject:
+        overrides["data"]["inject"] = args.inject
     if args.seed is not None:
         overrides["train"]["seed"] = args.seed
     if args.epochs is not None:
@@ -229,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--mask", help="missing-modality mask file")
     group.add_argument("--missing-ratio", type=_ratio, help="generate a mask with this ratio (e.g. 2/3)")
     tr.add_argument("--allow-pickle", action="store_true", help="allow a pickled .npy mask (trusted files only)")
+    tr.add_argument("--inject", choices=("none", "mean", "nn"),
+                    help="feature injection for items missing a modality (for models assuming complete data)")
     tr.add_argument("--new-items", action="store_true", help="the new-items setting (20%% cold-start items)")
     tr.add_argument("--seed", type=int, help="training seed")
     tr.add_argument("--epochs", type=int, help="maximum epochs")

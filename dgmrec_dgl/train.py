@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
+import numba
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -89,7 +90,9 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
     tcfg = config.train
     os.makedirs(out_dir, exist_ok=True)
     if tcfg.threads:
+        # Numba's parallel kernels reset the OpenMP thread count, so set both
         torch.set_num_threads(tcfg.threads)
+        numba.set_num_threads(min(tcfg.threads, numba.config.NUMBA_NUM_THREADS))
     torch.manual_seed(tcfg.seed)
 
     t_start = time.perf_counter()
