@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 import torch
 
-# Small tensors: one intra-op thread avoids spinning threads fighting over the machine's two cores.
+# Small tensors: one intra-op thread (torch) and one worker (Numba's sampler) avoid idle OpenMP threads
+# spinning against the machine's two cores.
 torch.set_num_threads(1)
+numba.set_num_threads(1)
 
 SHARED_SPLITS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dgmrec-splits"
 

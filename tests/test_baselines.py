@@ -20,17 +20,6 @@ from dgmrec_dgl.train import train
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.fixture(autouse=True)
-def _one_numba_thread():
-    """Idle OpenMP workers of the Numba sampler spin and slow DGL steps several-fold on a busy machine."""
-    import numba
-
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("baselines") / "toy"

@@ -17,17 +17,6 @@ from dgmrec_dgl.models.ci2mg.transport import (block_transport, item_blocks, sin
                                                transport_plan)
 
 
-@pytest.fixture(autouse=True)
-def _one_numba_thread():
-    """Idle OpenMP workers of the Numba sampler spin and slow DGL steps several-fold on a busy machine."""
-    import numba
-
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(before)
-
-
 def _release_sinkhorn(cost: torch.Tensor, epsilon: float, iters: int) -> torch.Tensor:
     """The released scaling loop (rows to 1/B, then columns to 1/K, times B), written out for comparison."""
     q = torch.exp(-cost / epsilon)
