@@ -23,7 +23,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import numba
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 

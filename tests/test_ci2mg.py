@@ -310,7 +310,7 @@ def test_ot_blocks_are_redrawn_each_epoch_and_one_block_is_the_full_problem(tiny
 
 
 def test_single_modality_and_three_modalities(tiny_dir, tmp_path):
-    ds = _masked_tiny(tiny_dir)
+    _masked_tiny(tiny_dir)
     one = Dataset.load(tiny_dir, feature_files={"text": "text_feat.npy"})
     model, g = _model(one)
     _, parts = model.loss(model(g), torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([3, 4]))
