@@ -120,8 +120,8 @@ def save_graph(path: Path, indptr, indices, weights, degree=None):
 # ----------------------------------------------------------------------------------------- (a) dense
 
 
-def dense_build(x: np.ndarray, present: np.ndarray, k: int):
-    """Reference initial graph in dense torch; returns the normalised n x n tensor (one n x n buffer)."""
+def _dense_cosine_topk(x: np.ndarray, k: int, sources: np.ndarray | None = None):
+    """Dense n x n cosine similarities with all but each row's top-k (among ``sources``) zeroed, in place."""
     import torch
 
     n = x.shape[0]
@@ -130,10 +130,19 @@ def dense_build(x: np.ndarray, present: np.ndarray, k: int):
     sim = torch.empty(n, n, dtype=torch.float32)
     torch.mm(xn, xn.T, out=sim)
     del xn
+    if sources is not None:
+        sim.index_fill_(1, torch.from_numpy(np.flatnonzero(~sources)), float("-inf"))
     vals, idx = torch.topk(sim, k, dim=1)
     sim.zero_()
     sim.scatter_(1, idx, vals)
-    del vals, idx
+    return sim
+
+
+def dense_build(x: np.ndarray, present: np.ndarray, k: int):
+    """Reference initial graph in dense torch; returns the normalised n x n tensor (one n x n buffer)."""
+    import torch
+
+    sim = _dense_cosine_topk(x, k)
     keep = torch.from_numpy(present.astype(np.float32))
     sim.mul_(keep[:, None])
     sim.mul_(keep[None, :])
@@ -159,17 +168,7 @@ def dense_refine(x: np.ndarray, present: np.ndarray, old, k: int, alpha: float):
     import torch
 
     n = x.shape[0]
-    xt = torch.from_numpy(x)
-    xn = xt / xt.norm(dim=1, keepdim=True)
-    sim = torch.empty(n, n, dtype=torch.float32)
-    torch.mm(xn, xn.T, out=sim)
-    del xn
-    missing = torch.from_numpy(np.flatnonzero(~present))
-    sim.index_fill_(1, missing, float("-inf"))  # sources: items that have the modality
-    vals, idx = torch.topk(sim, k, dim=1)
-    sim.zero_()
-    sim.scatter_(1, idx, vals)
-    del vals, idx
+    sim = _dense_cosine_topk(x, k, sources=present)  # sources: items that have the modality
     _dense_sym_norm_(sim)  # the rebuilt, normalised graph
     # blend: present rows <- old rows; missing rows <- alpha * old + (1 - alpha) * rebuilt (in place)
     indptr, indices, weights = (torch.from_numpy(a) for a in old)

@@ -18,20 +18,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .data.dataset import Dataset
+from .data.dataset import Dataset, pairs_to_csr
 
 KS = (10, 20, 50)
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]  # user ids [B] -> scores [B, n_items]
-
-
-def pairs_to_csr(pairs: np.ndarray, n_users: int, n_items: int) -> sp.csr_matrix:
-    """Binary CSR ``[n_users, n_items]`` of (user, item) pairs, sorted column indices."""
-    data = np.ones(len(pairs), dtype=np.float32)
-    mat = sp.csr_matrix((data, (pairs[:, 0], pairs[:, 1])), shape=(n_users, n_items))
-    mat.sum_duplicates()
-    mat.data[:] = 1.0
-    mat.sort_indices()
-    return mat
 
 
 def ranking_metrics(top_items: np.ndarray, truth: sp.csr_matrix, users: np.ndarray,

@@ -79,11 +79,7 @@ class Dataset:
 
     def train_matrix(self) -> sp.csr_matrix:
         """Binary user×item train matrix, CSR ``[n_users, n_items]`` with sorted column indices."""
-        data = np.ones(len(self.train), dtype=np.float32)
-        mat = sp.csr_matrix((data, (self.train[:, 0], self.train[:, 1])), shape=(self.n_users, self.n_items))
-        mat.sum_duplicates()
-        mat.sort_indices()
-        return mat
+        return pairs_to_csr(self.train, self.n_users, self.n_items)
 
     def item_train_counts(self) -> np.ndarray:
         """int64 ``[n_items]``: train interactions per item."""
@@ -179,6 +175,16 @@ class Dataset:
 
 
 # ---------------------------------------------------------------------- helpers
+def pairs_to_csr(pairs: np.ndarray, n_users: int, n_items: int) -> sp.csr_matrix:
+    """Binary CSR ``[n_users, n_items]`` of (user, item) pairs (repeats count once), sorted column indices."""
+    data = np.ones(len(pairs), dtype=np.float32)
+    mat = sp.csr_matrix((data, (pairs[:, 0], pairs[:, 1])), shape=(n_users, n_items))
+    mat.sum_duplicates()
+    mat.data[:] = 1.0
+    mat.sort_indices()
+    return mat
+
+
 def _find_inter(root: str, inter: str | None) -> str:
     if inter is not None:
         path = os.path.join(root, inter)

@@ -59,3 +59,8 @@ class Recommender(nn.Module):
     def load_graph_state(self, state: dict, g):
         """Restore :meth:`graph_state` output; returns the graph to continue with."""
         return g
+
+
+def scalar_parts(parts: dict) -> dict[str, float]:
+    """Loss parts as plain floats for logging (detached from the graph)."""
+    return {k: float(torch.as_tensor(v).detach()) for k, v in parts.items()}

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from ..config import LightGCNConfig
-from .base import Recommender
-from .dgmrec.losses import bpr_loss
+from .base import Recommender, scalar_parts
+from .dgmrec.losses import bpr_loss, emb_loss
 from .lightgcn import LightGCN
 
 
@@ -50,6 +50,5 @@ class LightGCNRecommender(Recommender):
         parts = {"bpr": bpr_loss(user[users], item[pos], item[neg])}
         if self.config.reg:
             b = self.backbone
-            parts["reg"] = self.config.reg * (b.user[users].norm() + b.item[pos].norm()
-                                              + b.item[neg].norm()) / len(users)
-        return sum(parts.values()), {k: float(v.detach()) for k, v in parts.items()}
+            parts["reg"] = self.config.reg * emb_loss(b.user[users], b.item[pos], b.item[neg])
+        return sum(parts.values()), scalar_parts(parts)

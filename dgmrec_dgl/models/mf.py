@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..config import MFBPRConfig
-from .base import Recommender
-from .dgmrec.losses import bpr_loss
+from .base import Recommender, scalar_parts
+from .dgmrec.losses import bpr_loss, emb_loss
 
 
 class MFBPR(Recommender):
@@ -50,6 +50,5 @@ class MFBPR(Recommender):
         user, item = reps
         parts = {"bpr": bpr_loss(user[users], item[pos], item[neg])}
         if self.config.reg:
-            parts["reg"] = self.config.reg * (self.user_emb[users].norm() + self.item_emb[pos].norm()
-                                              + self.item_emb[neg].norm()) / len(users)
-        return sum(parts.values()), {k: float(v.detach()) for k, v in parts.items()}
+            parts["reg"] = self.config.reg * emb_loss(self.user_emb[users], self.item_emb[pos], self.item_emb[neg])
+        return sum(parts.values()), scalar_parts(parts)

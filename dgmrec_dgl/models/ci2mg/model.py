@@ -34,8 +34,8 @@ from torch import nn
 
 from ...config import CI2MGConfig
 from ...graphs.hetero import mean_aggregate, propagate
-from ..base import Recommender
-from ..dgmrec.losses import bpr_loss
+from ..base import Recommender, scalar_parts
+from ..dgmrec.losses import bpr_loss, emb_loss
 from ..lightgcn import lightgcn
 from .contrastive import modality_contrastive
 from .generation import TaskGuidedGenerator, reconstruction_loss
@@ -215,7 +215,5 @@ class CI2MG(Recommender):
         if len(self.modalities) > 1:
             parts["cl"] = cfg.cl_weight * cl
         if cfg.reg:
-            parts["reg"] = cfg.reg * (self.user_emb[users].norm() + self.item_emb[pos].norm()
-                                      + self.item_emb[neg].norm()) / len(users)
-        total = sum(parts.values())
-        return total, {k: float(torch.as_tensor(v).detach()) for k, v in parts.items()}
+            parts["reg"] = cfg.reg * emb_loss(self.user_emb[users], self.item_emb[pos], self.item_emb[neg])
+        return sum(parts.values()), scalar_parts(parts)

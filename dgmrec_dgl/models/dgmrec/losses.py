@@ -2,6 +2,7 @@
 
 - :func:`info_nce`: InfoNCE with in-batch negatives on cosine similarities (Eq. 8, 20, 21), mean over rows.
 - :func:`bpr_loss`: ``−mean log σ(y_ui+ − y_ui−)`` (Eq. 23; the paper's "−σ(·)" is a typo for this).
+- :func:`emb_loss`: MMRec's ``EmbLoss``, Frobenius norms (not squared) of embedding rows over the batch size.
 """
 
 from __future__ import annotations
@@ -19,3 +20,8 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
 def bpr_loss(user: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     """BPR on representations ``user``, ``pos``, ``neg`` [B, d]."""
     return -F.logsigmoid((user * pos).sum(dim=1) - (user * neg).sum(dim=1)).mean()
+
+
+def emb_loss(*rows: torch.Tensor) -> torch.Tensor:
+    """``(‖rows_1‖ + ‖rows_2‖ + ...) / B`` for embedding rows ``[B, d]`` of one batch (MMRec's EmbLoss)."""
+    return sum(r.norm() for r in rows) / len(rows[0])

@@ -28,12 +28,12 @@ from ...config import DGMRecConfig
 from ...graphs.hetero import build_heterograph, replace_knn_relation
 from ...graphs.knn import KnnGraph, build_knn, normalize_knn
 from ...graphs.refine import refine_knn
-from ..base import Recommender
+from ..base import Recommender, scalar_parts
 from ..lightgcn import lightgcn
 from .club import CLUBEstimator
 from .encoders import GeneralEncoder, SpecificEncoder
 from .generators import ModalityDecoder, ModalityGenerator, perturb
-from .losses import bpr_loss, info_nce
+from .losses import bpr_loss, emb_loss, info_nce
 from .preference import PreferenceFilter
 from .propagation import propagate_modality, user_modality_features
 
@@ -234,7 +234,7 @@ class DGMRec(Recommender):
         parts: dict[str, torch.Tensor] = {"bpr": bpr_loss(u, i, j)}
 
         e_u, e_i, e_j = reps.user_id[users], reps.item_id[pos], reps.item_id[neg]
-        reg = cfg.reg_id * (e_u.norm() + e_i.norm() + e_j.norm()) / batch
+        reg = cfg.reg_id * emb_loss(e_u, e_i, e_j)
         reg = reg + cfg.reg * sum((v.item_general[pos] + v.item_specific[pos]).norm() for v in views.values()) / batch
         parts["reg"] = reg
 
@@ -270,7 +270,7 @@ class DGMRec(Recommender):
         if cfg.additive:      # Eq. 12–14 on in-batch items that have the modality
             parts["gen"] = cfg.additive * self._generation_loss(views, unique_pos, generator)
         total = sum(parts.values())
-        return total, {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in parts.items()}
+        return total, scalar_parts(parts)
 
     def _generation_loss(self, views, items, generator):
         eps = self.config.perturb_eps
