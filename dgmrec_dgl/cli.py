@@ -53,6 +53,8 @@ def _cmd_synth(args) -> int:
         overrides["seed"] = args.seed
     if args.dims is not None:
         overrides["dims"] = args.dims
+    if args.feature_dtype is not None:
+        overrides["feature_dtype"] = args.feature_dtype
     try:
         config = synthetic.preset(args.preset, **overrides)
     except ValueError as exc:
@@ -60,7 +62,7 @@ def _cmd_synth(args) -> int:
         return 2
     info = synthetic.generate(args.out, config, progress=not args.quiet)
     print(f"wrote {args.out}: {info['n_users']:,} users, {info['n_items']:,} items, "
-          f"{info['n_interactions']:,} interactions")
+          f"{info['n_interactions']:,} interactions, {config.feature_dtype} features")
     return 0
 
 
@@ -132,13 +134,35 @@ def _cmd_train(args) -> int:
     config = load_config(args.config, overrides)
     out = args.out or os.path.join("runs", f"{config.model.name}-{os.path.basename(os.path.normpath(config.data.dir))}"
                                    f"-seed{config.train.seed}")
-    result = train(config, out, resume=args.resume, progress=not args.quiet)
+    result = _run_train(train, args, config, out)
+    if result is None:                  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     if "test" not in result:
         print(f"{out}: no validation ran yet (epochs < eval_every?)")
         return 0
     print(f"run folder: {out}   best epoch: {result['best_epoch']}")
     print(_metrics_table({"valid": result["valid"], "test": result["test"]}, tuple(config.eval.ks)))
     return 0
+
+
+def _run_train(train, args, config, out):
+    """``train`` in this process, in ``--nproc`` spawned ranks, or as one rank of a ``torchrun`` group."""
+    from . import distributed
+
+    kwargs = {"resume": args.resume, "progress": not args.quiet}
+    if distributed.launched_by_torchrun():
+        if args.nproc != 1:
+            raise DataError("<command line>", "--nproc", "cannot be combined with torchrun",
+                            "drop --nproc and give torchrun --nproc-per-node instead")
+        result = distributed.run_from_env(train, config, out, **kwargs)
+        return result if int(os.environ["RANK"]) == 0 else None
+    return distributed.launch(train, args.nproc, config, out, **kwargs)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
 
 
 def _cmd_evaluate(args) -> int:
@@ -149,11 +173,39 @@ def _cmd_evaluate(args) -> int:
 
     config, dataset, model, g = load_run(args.run_dir)
     with torch.no_grad():
-        user, item = model(g).fused()
+        user, item = model.fused(model(g))
     score = lambda users: user[users] @ item.T  # noqa: E731
     rows = {split: evaluate(score, dataset, split, config.eval.ks) for split in ("valid", "test")}
     print(_metrics_table(rows, tuple(config.eval.ks)))
+    if args.retrieval:
+        _retrieval(args, config, dataset, model, g)
     return 0
+
+
+def _retrieval(args, config, dataset, model, g) -> None:
+    """``evaluate --retrieval``: Table 3 of the paper, printed and written to RUN_DIR/retrieval.json."""
+    from .data.dataset import Dataset
+    from .io_utils import atomic_write_json
+    from .retrieval import model_retrieval
+
+    if dataset.mask is None:
+        raise DataError(args.run_dir, "data.mask", "the run was trained without missing modalities",
+                        "train with --mask FILE or --missing-ratio R to evaluate cross-modal retrieval")
+    if getattr(config.data, "reduce_dims", None):
+        raise DataError(args.run_dir, "data.reduce_dims", "retrieval compares raw features, but this run "
+                        "reduced them", "evaluate retrieval on a run trained without reduce_dims")
+    truth = Dataset.load(dataset.root, inter=f"{dataset.name}.inter", require_features=True).features
+    report = model_retrieval(model, g, dataset, truth, max_queries=args.max_queries or None,
+                             seed=config.train.seed)
+    levels = sorted({key.split("/")[0] for table in report.values() for key in table if key.startswith("missing=")})
+    print("\ncross-modal retrieval (Hit@K of the item's own true feature; paper Table 3)")
+    print(f"{'method':<8} " + "  ".join(f"{lv + ' ' + h:>18}" for lv in levels for h in ("hit@10", "hit@20")))
+    for method, table in report.items():
+        cells = [table.get(f"{lv}/{h}") for lv in levels for h in ("hit@10", "hit@20")]
+        print(f"{method:<8} " + "  ".join(f"{c:>18.4f}" if c is not None else f"{'-':>18}" for c in cells))
+    path = os.path.join(args.run_dir, "retrieval.json")
+    atomic_write_json(path, report)
+    print(f"wrote {path}")
 
 
 def _cmd_recommend(args) -> int:
@@ -168,7 +220,7 @@ def _cmd_recommend(args) -> int:
         raise DataError(args.run_dir, "--users", f"user ids must be in 0..{dataset.n_users - 1}",
                         "pass ids of users in the run's dataset")
     with torch.no_grad():
-        user, item = model(g).fused()
+        user, item = model.fused(model(g))
         scores = user[torch.from_numpy(users)] @ item.T
     seen = dataset.train_matrix()
     for row, u in enumerate(users):
@@ -198,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--items", type=int, help="number of items before 5-core filtering")
     synth.add_argument("--dims", type=_dims, help="feature dims, e.g. image=4096,text=384")
     synth.add_argument("--seed", type=int, help="random seed (default: the preset's)")
+    synth.add_argument("--feature-dtype", choices=("float32", "float16"),
+                       help="dtype of the *_feat.npy files (default float32; float16 halves them)")
     synth.add_argument("--quiet", action="store_true", help="no progress bars")
     synth.set_defaults(run=_cmd_synth)
 
@@ -238,11 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--epochs", type=int, help="maximum epochs")
     tr.add_argument("--out", help="run folder (default runs/<model>-<data>-seed<S>)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    tr.add_argument("--nproc", type=_positive, default=1,
+                    help="data-parallel worker processes on this machine (gloo; see README)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(run=_cmd_train)
 
     ev = commands.add_parser("evaluate", help="full-ranking valid/test metrics of a run's best checkpoint")
     ev.add_argument("run_dir")
+    ev.add_argument("--retrieval", action="store_true",
+                    help="also cross-modal retrieval Hit@10/20 of generated features vs the NN baseline")
+    ev.add_argument("--max-queries", type=int, default=5000, metavar="N",
+                    help="retrieval queries per modality and missing level, a seeded sample (0 = all)")
     ev.set_defaults(run=_cmd_evaluate)
 
     rec = commands.add_parser("recommend", help="top-k items for users (works for items missing modalities)")

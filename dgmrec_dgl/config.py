@@ -37,6 +37,13 @@ class DataConfig:
     new_items_seed: int = 1111
     allow_pickle: bool = False
     inject: str = "none"               # feature injection after masking: none, mean, nn (dgmrec_dgl.inject)
+    # Memory-bounded features (dgmrec_dgl.data.io / .reduce). float32 and float16 files are memory-mapped as
+    # they are; feature_dtype is the dtype of matrices the data path creates (float64 files' conversion,
+    # reduced features): float32 or float16.
+    feature_dtype: str = "float32"
+    reduce_dims: int | None = None     # PCA: every modality wider than this is projected to this width
+    reduce_sample: int = 50_000        # rows (items having the modality) the PCA is fitted on
+    reduce_seed: int = 0               # seed of the PCA sample and random projection
 
 
 @dataclass

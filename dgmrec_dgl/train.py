@@ -12,6 +12,10 @@ Per epoch (the reference schedule, DGMRec_SPEC §1 and §4):
 Each epoch appends one JSON line to ``log.jsonl`` (losses; seconds in training, generation/refinement and
 evaluation). ``last.pt`` is written atomically after every epoch, so ``resume=True`` continues a killed
 run to the same result as an uninterrupted one.
+
+Called inside an initialised ``torch.distributed`` group of more than one process, the same loop trains
+data-parallel (:mod:`dgmrec_dgl.distributed`: each rank takes a shard of every batch, gradients are
+averaged; rank 0 alone evaluates and writes the run folder).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from tqdm.auto import tqdm
 
 from kernels.sampling import bpr_triples
 
+from . import distributed
 from .config import Config, load_config, save_config
 from .data.dataset import Dataset
 from .data.masks import MissingMask
@@ -41,15 +46,23 @@ from .models.base import Recommender
 
 
 def load_dataset(config: Config) -> Dataset:
-    """The dataset of ``config.data``: loaded, new-items split if asked, masked, imputed."""
+    """The dataset of ``config.data``: loaded, new-items split if asked, reduced if asked, masked, imputed.
+
+    The PCA reduction (``data.reduce_dims``) is fitted on the items the mask leaves with each modality
+    and applied before imputation, so the imputed rows are written only at the reduced width.
+    """
     cfg = config.data
-    dataset = Dataset.load(cfg.dir, inter=cfg.inter, require_features=True)
+    dataset = Dataset.load(cfg.dir, inter=cfg.inter, require_features=True, feature_dtype=cfg.feature_dtype)
     if cfg.new_items:
         dataset = new_items_split(dataset, seed=cfg.new_items_seed)
+    mask = None
     if cfg.mask:
-        dataset = dataset.with_mask(cfg.mask, allow_pickle=cfg.allow_pickle, imputation=cfg.imputation)
+        mask = MissingMask.load(cfg.mask, dataset.n_items, dataset.modalities or None, allow_pickle=cfg.allow_pickle)
     elif cfg.missing_ratio is not None:
         mask = MissingMask.generate(dataset.n_items, dataset.modalities, cfg.missing_ratio, cfg.mask_seed)
+    dataset = dataset.reduced(cfg.reduce_dims, sample=cfg.reduce_sample, seed=cfg.reduce_seed,
+                              dtype=cfg.feature_dtype, mask=mask)
+    if mask is not None:
         dataset = dataset.with_mask(mask, imputation=cfg.imputation)
     return apply_injection(dataset, cfg)   # data.inject: none (default), mean or nn (dgmrec_dgl.inject)
 
@@ -87,11 +100,15 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
         max_epochs: stop after this many epochs of this call (to test resuming).
     """
     tcfg = config.train
-    os.makedirs(out_dir, exist_ok=True)
-    if tcfg.threads:
+    world = distributed.current_world()
+    main = world.is_main                # only rank 0 writes
+    if main:
+        os.makedirs(out_dir, exist_ok=True)
+    threads = distributed.rank_threads(tcfg.threads, world.local_size) if world.size > 1 else tcfg.threads
+    if threads:
         # Numba's parallel kernels reset the OpenMP thread count, so set both
-        torch.set_num_threads(tcfg.threads)
-        numba.set_num_threads(min(tcfg.threads, numba.config.NUMBA_NUM_THREADS))
+        torch.set_num_threads(threads)
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     torch.manual_seed(tcfg.seed)
 
     t_start = time.perf_counter()
@@ -105,8 +122,16 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
     state = RunState()
 
     last_path, log_path = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "log.jsonl")
-    if resume and os.path.exists(last_path):
-        ckpt = torch.load(last_path, weights_only=False)
+    ckpt = torch.load(last_path, weights_only=False) if main and resume and os.path.exists(last_path) else None
+    if world.size > 1:
+        # rank 0's checkpoint, or its fresh model and graph, on every rank: the replicas start identical
+        ckpt = distributed.broadcast_object(
+            (ckpt or {"model": model.state_dict(), "graph_state": model.graph_state()}) if main else None)
+        if "state" not in ckpt:        # a fresh start
+            model.load_state_dict(ckpt["model"])
+            g = model.load_graph_state(ckpt["graph_state"], g)
+            ckpt = None
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -116,8 +141,9 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
         torch.set_rng_state(ckpt["torch_rng"])
         state = RunState(**ckpt["state"])
         g = model.load_graph_state(ckpt["graph_state"], g)
-        _truncate_log(log_path, state.epoch)
-    else:
+        if main:
+            _truncate_log(log_path, state.epoch)
+    elif main:
         save_config(config, os.path.join(out_dir, "config.yaml"))
         for stale in (log_path, last_path, os.path.join(out_dir, "metrics.json")):
             if os.path.exists(stale):
@@ -126,7 +152,7 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
     setup_seconds = time.perf_counter() - t_start
 
     run_epochs = 0
-    bar = tqdm(range(state.epoch, tcfg.epochs), desc=config.model.name, disable=not progress,
+    bar = tqdm(range(state.epoch, tcfg.epochs), desc=config.model.name, disable=not (progress and main),
                initial=state.epoch, total=tcfg.epochs)
     for epoch in bar:
         if state.stopped or (max_epochs is not None and run_epochs >= max_epochs):
@@ -141,21 +167,25 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
             train_csr.indptr, train_csr.indices, dataset.n_items, tcfg.seed * 100003 + epoch))
         sums: dict[str, float] = {}
         n_batches = 0
-        for start in range(0, len(users), tcfg.batch_size):
-            sl = slice(start, start + tcfg.batch_size)
-            loss, parts = model.loss(model(g), users[sl], pos[sl], neg[sl], generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n_batches += 1
+        if world.size == 1:
+            for start in range(0, len(users), tcfg.batch_size):
+                sl = slice(start, start + tcfg.batch_size)
+                loss, parts = model.loss(model(g), users[sl], pos[sl], neg[sl], generator)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_batches += 1
+        else:
+            n_batches = _train_epoch_sharded(model, g, optimizer, (users, pos, neg), tcfg.batch_size, world,
+                                             distributed.rank_generator(tcfg.seed, epoch, world.rank), sums)
         scheduler.step()
         t2 = time.perf_counter()
         record["loss"] = {k: v / max(n_batches, 1) for k, v in sums.items()}
         record["lr"] = optimizer.param_groups[0]["lr"]
 
-        if (epoch + 1) % tcfg.eval_every == 0:
+        if main and (epoch + 1) % tcfg.eval_every == 0:
             g_score = model.scoring_graph(g)
             valid = evaluate_model(model, g_score, dataset, "valid", config)
             record["valid"] = valid
@@ -167,32 +197,80 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
                 _save(os.path.join(out_dir, "best.pt"), model=model.state_dict(), epoch=epoch,
                       graph_state=model.graph_state())
                 atomic_write_json(os.path.join(out_dir, "metrics.json"),
-                                  {"best_epoch": epoch, "valid": valid, "test": test})
+                                  {"best_epoch": epoch, "valid": valid, "test": test,
+                                   "data": {"imputation": dataset.imputation, "reduction": dataset.reduction}})
             else:
                 state.bad_validations += 1
                 state.stopped = state.bad_validations >= tcfg.patience
         t3 = time.perf_counter()
         record["seconds"] = {"train": t2 - t1, "before_epoch": t1 - t0, "eval": t3 - t2}
+        if world.size > 1:
+            state = RunState(**distributed.broadcast_object(asdict(state)))   # rank 0 decides early stopping
+            record["replicas"] = _check_replicas(model, generator, epoch)
+        state.epoch = epoch + 1
+        run_epochs += 1
+        if not main:
+            continue
         bar.set_postfix(loss=f"{sum(record['loss'].values()):.4f}",
                         best=f"{state.best_metric:.4f}" if state.best_epoch >= 0 else "-")
         with open(log_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        state.epoch = epoch + 1
-        run_epochs += 1
         _save(last_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
               scheduler=scheduler.state_dict(),
               auxiliary=auxiliary.state_dict() if auxiliary is not None else None,
               generator=generator.get_state(), torch_rng=torch.get_rng_state(), state=asdict(state),
               graph_state=model.graph_state())
     bar.close()
+    if world.size > 1:
+        torch.distributed.barrier()     # rank 0's files are complete when train() returns on any rank
     metrics_path = os.path.join(out_dir, "metrics.json")
     result = {}
-    if os.path.exists(metrics_path):
+    if main and os.path.exists(metrics_path):
         with open(metrics_path) as fh:
             result = json.load(fh)
     result["setup_seconds"] = setup_seconds
     result["epochs_run"] = state.epoch
     return result
+
+
+def _train_epoch_sharded(model: Recommender, g, optimizer, triples, batch_size: int, world, generator,
+                         sums: dict[str, float]) -> int:
+    """One epoch of data-parallel steps (see :mod:`dgmrec_dgl.distributed`); returns the number of batches.
+
+    Adds to ``sums`` the loss parts as full-batch values: each rank's parts weighted by its share of the
+    batch, summed over ranks.
+    """
+    users, pos, neg = triples
+    params = [p for p in model.main_parameters() if p.requires_grad]
+    local: dict[str, float] = {}
+    n_batches = 0
+    for start in range(0, len(users), batch_size):
+        n = min(batch_size, len(users) - start)
+        lo, hi = distributed.shard_bounds(n, world.rank, world.size)
+        optimizer.zero_grad(set_to_none=True)
+        if hi > lo:                     # a batch smaller than the world leaves some shards empty
+            sl = slice(start + lo, start + hi)
+            loss, parts = model.loss(model(g), users[sl], pos[sl], neg[sl], generator)
+            (loss * distributed.shard_weight(hi - lo, n, world.size)).backward()
+            for k, v in parts.items():
+                local[k] = local.get(k, 0.0) + v * (hi - lo) / n
+        distributed.average_gradients(params, world.size)
+        optimizer.step()
+        n_batches += 1
+    for part in distributed.gather_objects(local):
+        for k, v in part.items():
+            sums[k] = sums.get(k, 0.0) + v
+    return n_batches
+
+
+def _check_replicas(model: Recommender, generator: torch.Generator, epoch: int) -> list[str]:
+    """Every rank's hash of parameters, buffers, graph state and shared RNG; an error if they differ."""
+    prints = distributed.gather_objects(
+        distributed.fingerprint(model.state_dict(), model.graph_state(), generator.get_state()))
+    if len(set(prints)) > 1:
+        raise RuntimeError(f"epoch {epoch}: the ranks' models diverged (fingerprints {prints}); "
+                           "before_epoch must be deterministic given the parameters and the generator")
+    return prints
 
 
 def evaluate_model(model: Recommender, g, dataset: Dataset, split: str, config: Config,

@@ -1,7 +1,9 @@
-"""The `dgmrec-dgl data` commands on real splits and on generated data."""
+"""The `dgmrec-dgl` commands: data on real splits and generated data; train → evaluate → recommend."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,3 +69,29 @@ def test_console_script_entry_point_runs(tiny_dir):
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "items" in proc.stdout
     np.testing.assert_equal(proc.stderr, "")
+
+
+def test_a_knn_k_above_the_catalog_size_is_a_one_line_error(tiny_dir, tmp_path, capsys):
+    assert main(["train", "--config", "configs/dgmrec/base.yaml", "--data", str(tiny_dir), "--epochs", "1",
+                 "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "model.knn_k" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["lightgcn", "dgmrec"])
+def test_train_then_evaluate_recommend_and_retrieve(model, tiny_dir, tmp_path, capsys):
+    run, config = tmp_path / "run", tmp_path / "tiny.yaml"
+    config.write_text(f"extends: {Path.cwd() / 'configs' / model / 'base.yaml'}\nmodel:\n  knn_k: 3\n"
+                      if model == "dgmrec" else f"extends: {Path.cwd() / 'configs' / model / 'base.yaml'}\n")
+    extra = ["--missing-ratio", "0.5"] if model == "dgmrec" else []
+    assert main(["train", "--config", str(config), "--data", str(tiny_dir), "--epochs", "3",
+                 "--out", str(run), "--quiet", *extra]) == 0
+    assert main(["evaluate", str(run)]) == 0
+    assert "recall@20" in capsys.readouterr().out
+    assert main(["recommend", str(run), "--users", "0,1", "--k", "3"]) == 0
+    if model == "dgmrec":
+        assert main(["evaluate", str(run), "--retrieval"]) == 0
+        report = json.loads((run / "retrieval.json").read_text())
+        assert set(report) == {"dgmrec", "nn"}
+        assert "missing=1/hit@10" in report["dgmrec"]
+    else:   # trained without a mask: a one-line error, not a stack trace
+        assert main(["evaluate", str(run), "--retrieval"]) == 2

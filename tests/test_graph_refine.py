@@ -148,3 +148,26 @@ def test_dense_reference_helpers_agree(setup):
     s = setup
     np.testing.assert_allclose(s["norm"].to_scipy().toarray(),
                                dense_sym_norm(dense_knn(s["x"], s["k"], s["present"])), atol=1e-6)
+
+
+def test_rows_whose_similarities_sum_below_zero_get_zero_weights_not_an_error():
+    # Zero-mean features: a missing item's nearest present items can all have negative cosine.
+    features = np.array([[1.0, 0.0], [-1.0, 0.1], [-1.0, -0.1], [-0.9, 0.0]], dtype=np.float32)
+    present = np.array([False, True, True, True])
+    old = normalize_knn(build_knn(features, 2, present))
+    refined = refine_knn(old, features, [0], alpha=0.5, k=2, present=present)
+    row = slice(refined.indptr[0], refined.indptr[1])
+    assert np.isfinite(refined.weights).all()
+    # the old self-loop, halved; the new entries all have weight 0 (their row sum is negative)
+    weights = dict(zip(refined.indices[row].tolist(), refined.weights[row].tolist()))
+    assert weights.pop(0) == pytest.approx(0.5)
+    assert all(w == 0.0 for w in weights.values())
+
+
+def test_non_finite_features_are_reported_not_propagated():
+    features = np.ones((4, 2), dtype=np.float32)
+    present = np.array([False, True, True, True])
+    old = normalize_knn(build_knn(features, 2, present))
+    features[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        refine_knn(old, features, [0], alpha=0.5, k=2, present=present)

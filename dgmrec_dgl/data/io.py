@@ -6,6 +6,7 @@ fix) for bad input, so the CLI can report one line and exit with status 2.
 
 from __future__ import annotations
 
+import mmap
 import os
 import warnings
 from dataclasses import dataclass
@@ -129,16 +130,145 @@ def load_npy(path: str | os.PathLike, *, field: str, mmap: bool = False) -> np.n
     return array
 
 
-def load_features(path: str | os.PathLike, *, field: str, n_items: int, chunk_rows: int = 65536) -> np.ndarray:
-    """Load one modality's feature matrix as float32 ``[n_items, d]`` and check it.
+#: On-disk feature dtypes that are memory-mapped and passed on as they are (either byte order).
+MAPPED_FEATURE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+#: Dtypes the data path may create feature matrices in (``DataConfig.feature_dtype``).
+FEATURE_DTYPES = ("float32", "float16")
+#: Bytes of one block when feature rows are streamed (validation, means, projections).
+CHUNK_BYTES = 32 << 20
 
-    The file is memory-mapped and converted chunk by chunk, so the check of a large matrix needs no
-    second copy.
+
+def chunk_rows_for(width: int, itemsize: int = 4, budget: int = CHUNK_BYTES) -> int:
+    """Rows of a ``[rows, width]`` block of ``itemsize``-byte numbers that fit in ``budget`` bytes (>= 1)."""
+    return max(1, budget // max(1, width * itemsize))
+
+
+def _mapped_file(x: np.ndarray) -> mmap.mmap | None:
+    """The ``mmap`` under ``x`` when ``x`` is a whole, read-only ``np.memmap`` of a file, else None.
+
+    Pages of such a map are clean and shared with the page cache, so after a block has been read they
+    can be dropped from the process (``MADV_DONTNEED``) and re-read later if needed. A copy-on-write map
+    (``mode="c"``) is excluded: dropping its pages would discard the rows written into it.
+    """
+    if (isinstance(x, np.memmap) and isinstance(x.base, mmap.mmap) and x.mode == "r" and x.ndim == 2
+            and hasattr(mmap, "MADV_DONTNEED")):
+        return x.base
+    return None
+
+
+def _release_rows(x: np.ndarray, mapped: mmap.mmap, first: int, stop: int) -> None:
+    """Drop the pages of rows ``first..stop-1`` of the read-only map ``x`` from the process's RSS."""
+    start = int(x.offset) % mmap.ALLOCATIONGRANULARITY          # where the array begins inside ``mapped``
+    row_bytes = int(x.itemsize * x.shape[1])
+    if not x.flags.c_contiguous:                                # Fortran order: rows are not contiguous
+        first, stop, row_bytes = 0, 1, x.nbytes                 # (dropping everything is harmless)
+    lo = (start + first * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    hi = min(len(mapped), start + stop * row_bytes)
+    if hi > lo:
+        mapped.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def iter_row_blocks(x: np.ndarray, chunk_rows: int | None = None):
+    """Yield ``(start, x[start:start + rows])`` over the row blocks of a 2-D array (views, no copies).
+
+    For a read-only memory-mapped ``.npy`` file the pages of each block are dropped from the process once
+    the next block is requested (they stay in the page cache), so streaming the whole matrix costs one
+    block of RSS, not the file's size. Default block: :data:`CHUNK_BYTES`.
+    """
+    n, d = x.shape
+    rows = chunk_rows or chunk_rows_for(d, x.dtype.itemsize)
+    mapped = _mapped_file(x)
+    for start in range(0, n, rows):
+        yield start, x[start:start + rows]
+        if mapped is not None:
+            _release_rows(x, mapped, start, min(n, start + rows))
+
+
+def take_rows(x: np.ndarray, ids: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """``x[ids]`` as a new ``dtype`` array, gathered in blocks; a read-only map keeps no pages afterwards.
+
+    ``ids`` should be sorted (reads then go forward through the file).
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    out = np.empty((ids.size, x.shape[1]), dtype=dtype)
+    mapped = _mapped_file(x)
+    step = chunk_rows_for(x.shape[1], max(x.dtype.itemsize, out.dtype.itemsize))
+    for start in range(0, ids.size, step):
+        part = ids[start:start + step]
+        out[start:start + part.size] = x[part]
+        if mapped is not None and part.size:
+            _release_rows(x, mapped, int(part.min()), int(part.max()) + 1)
+    return out
+
+
+def _identity(status: os.stat_result) -> tuple[int, int, int, int]:
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+
+def copy_on_write(x: np.ndarray) -> np.memmap | None:
+    """A writable copy-on-write map (``mode="c"``) of the file under the read-only map ``x``, or None.
+
+    Writing into it makes private copies of the written pages only; the file is never modified. None
+    when ``x`` is not a map made by :func:`load_features` or when its file has been replaced or changed
+    since (the new map would show other data than ``x``).
+    """
+    known = getattr(x, "file_identity", None)
+    if known is None or not isinstance(x, np.memmap) or not isinstance(x.base, mmap.mmap):
+        return None
+    try:
+        with open(x.filename, "rb") as handle:
+            if _identity(os.fstat(handle.fileno())) != known:
+                return None
+            order = "F" if x.flags.f_contiguous and not x.flags.c_contiguous else "C"
+            return np.memmap(handle, dtype=x.dtype, mode="c", offset=x.offset, shape=x.shape, order=order)
+    except OSError:
+        return None
+
+
+def _first_non_finite(block: np.ndarray) -> int | None:
+    """Row index of the first non-finite value in ``block`` (row-major scan), or None."""
+    finite = np.isfinite(block)
+    if finite.all():
+        return None
+    return int(np.argwhere(~finite)[0, 0])
+
+
+def _non_finite(path: str, field: str, row: int, extra: str = "") -> DataError:
+    return DataError(path, field, f"row {row} (item {row}) holds NaN or Inf{extra}",
+                     "replace non-finite values, or mark the item's modality as missing in a mask file")
+
+
+def load_features(path: str | os.PathLike, *, field: str, n_items: int, chunk_rows: int | None = None,
+                  dtype: str = "float32") -> np.ndarray:
+    """Open one modality's feature matrix ``[n_items, d]`` and check it, without reading it all into RAM.
+
+    * **float32 or float16 on disk** (either byte order): returned as the read-only memory map of the file
+      itself (``np.load(..., mmap_mode="r")``), in its own dtype: no copy. The NaN/Inf check streams the
+      file in blocks of :data:`CHUNK_BYTES` (or ``chunk_rows`` rows) and drops each block's pages from
+      the process after checking it, so it costs one block of RSS. Consumers that need float32 convert
+      (their own copy, or block by block with :func:`iter_row_blocks`).
+    * **float64** (or wider) is accepted with a warning: memory-mapping it would make every consumer
+      convert, so it is converted once, block by block, into an in-memory ``dtype`` array
+      (``n_items × d × 4`` bytes for float32; peak = that array + one block). Saving the file as float32
+      or float16 avoids the copy.
+    * integer, bool, complex or structured dtypes are refused: features must be floating point.
+
+    A Fortran-ordered file is memory-mapped too; its check goes through the map, column block by block.
+
+    Args:
+        path: the ``.npy`` file.
+        field: what the file holds, for messages (``"image features"``).
+        n_items: expected number of rows.
+        chunk_rows: rows per checked block (default: :data:`CHUNK_BYTES` worth).
+        dtype: ``float32`` or ``float16``: the dtype a float64 file is converted to.
 
     Raises:
-        DataError: unreadable/truncated file, wrong rank or row count, non-numeric dtype, NaN or Inf.
+        DataError: unreadable/truncated file, wrong rank or row count, non-float dtype, NaN or Inf
+            (also a float64 value that overflows ``dtype``).
     """
     path = os.fspath(path)
+    if dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature dtype must be one of {FEATURE_DTYPES}, got {dtype!r}")
     raw = load_npy(path, field=field, mmap=True)
     if raw.ndim != 2:
         raise DataError(path, field, f"has shape {raw.shape}, expected [n_items, dim]",
@@ -148,17 +278,38 @@ def load_features(path: str | os.PathLike, *, field: str, n_items: int, chunk_ro
             path, field, f"has {raw.shape[0]} rows but the interactions have {n_items} items",
             "write one feature row per item id 0..n_items-1 (in item id order)",
         )
-    if not (np.issubdtype(raw.dtype, np.floating) or np.issubdtype(raw.dtype, np.integer)):
-        raise DataError(path, field, f"has dtype {raw.dtype}, expected numbers", "save a float32 array")
-    out = np.empty(raw.shape, dtype=np.float32)
-    for start in range(0, n_items, chunk_rows):
-        block = np.asarray(raw[start:start + chunk_rows], dtype=np.float32)
-        finite = np.isfinite(block)
-        if not finite.all():
-            row = start + int(np.argwhere(~finite)[0, 0])
-            raise DataError(
-                path, field, f"row {row} (item {row}) holds NaN or Inf",
-                "replace non-finite values, or mark the item's modality as missing in a mask file",
-            )
-        out[start:start + chunk_rows] = block
+    if raw.dtype.kind != "f":
+        raise DataError(path, field, f"has dtype {raw.dtype}; features must be float32 or float16",
+                        "save the matrix as floats, e.g. numpy.save(path, x.astype(numpy.float32))")
+    if raw.dtype.newbyteorder("=") in MAPPED_FEATURE_DTYPES:
+        if raw.flags.c_contiguous:
+            for start, block in iter_row_blocks(raw, chunk_rows):
+                row = _first_non_finite(block)
+                if row is not None:
+                    raise _non_finite(path, field, start + row)
+        else:  # Fortran order: each column is contiguous, so check column blocks through the map
+            step = chunk_rows_for(n_items, raw.dtype.itemsize)
+            rows = [np.flatnonzero(~np.isfinite(raw[:, c:c + step]).all(axis=1)) for c in
+                    range(0, raw.shape[1], step)]
+            bad = [int(r[0]) for r in rows if r.size]
+            if bad:
+                raise _non_finite(path, field, min(bad))
+        raw.file_identity = _identity(os.stat(path))     # lets copy_on_write() re-map this very file
+        return raw
+    target = np.dtype(dtype)
+    warnings.warn(
+        f"{path}: {field}: dtype {raw.dtype} is converted to {target} in memory "
+        f"({raw.shape[0] * raw.shape[1] * target.itemsize / 2**20:,.0f} MB) instead of being memory-mapped; "
+        f"save it as float32 or float16 to avoid the copy", stacklevel=2)
+    out = np.empty(raw.shape, dtype=target)
+    for start, block in iter_row_blocks(raw, chunk_rows):
+        row = _first_non_finite(block)
+        if row is not None:
+            raise _non_finite(path, field, start + row)
+        with np.errstate(over="ignore"):
+            converted = block.astype(target)
+        row = _first_non_finite(converted)
+        if row is not None:
+            raise _non_finite(path, field, start + row, f" after conversion to {target} (a value is too large)")
+        out[start:start + len(block)] = converted
     return out

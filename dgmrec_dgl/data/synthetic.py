@@ -4,7 +4,8 @@ r"""Synthetic multimodal recommendation datasets: the package's embedded default
 the ground truth it was drawn from::
 
     OUT/<name>.inter      userID  itemID  x_label   (TSV; 0-based ids; 0 train, 1 valid, 2 test)
-    OUT/<m>_feat.npy      float32 [n_items, d_m]    one file per modality (image, text, optional audio)
+    OUT/<m>_feat.npy      float32 [n_items, d_m]    one file per modality (image, text, optional audio);
+                          float16 with ``feature_dtype="float16"`` (the float32 values rounded)
     OUT/latents.npz       user [n_users, r_user], item_shared [n_items, r_shared],
                           item_specific_<m> [n_items, r_specific] per modality (float32)
     OUT/synthetic.json    the configuration, the fixed model constants and the counts
@@ -117,6 +118,8 @@ class SynthConfig:
             affinity, rather than popularity, decide (stronger personal signal).
         core: k of the k-core filter (MMRec uses 5); 1 keeps every drawn interaction.
         seed: master seed.
+        feature_dtype: ``float32`` or ``float16``, the dtype of the feature files (float16 halves them; its
+            values are the float32 ones rounded, so the other files are the same).
     """
 
     name: str = "toy"
@@ -133,6 +136,7 @@ class SynthConfig:
     candidates_per_pick: int = CANDIDATES_PER_PICK
     core: int = 5
     seed: int = 0
+    feature_dtype: str = "float32"
 
     def __post_init__(self):
         self.dims = {str(m): int(d) for m, d in dict(self.dims).items()}
@@ -165,6 +169,8 @@ class SynthConfig:
         self.seed = int(self.seed)
         if self.seed < 0:
             raise ValueError(f"SynthConfig.seed={self.seed}: must be >= 0")
+        if self.feature_dtype not in ("float32", "float16"):
+            raise ValueError(f"SynthConfig.feature_dtype={self.feature_dtype!r}: use float32 or float16")
 
     @property
     def modalities(self) -> list[str]:
@@ -190,7 +196,8 @@ _MMREC_DIMS = {"image": 4096, "text": 384}
 #: 9,308 / 6,710 / ~68.7K); they use a flatter popularity (``pop_exponent=0.5``) because those
 #: datasets are so sparse that a steeper tail would be filtered away.
 #: ``large`` is a scale test: 200,000 users x 1,000,000 items (~20M interactions), with **384-dim image
-#: and 384-dim text** features (a 4096-dim image matrix for 1M items alone would be 16 GB).
+#: and 384-dim text** features (a 4096-dim image matrix for 1M items alone would be 16 GB; 8 GB with
+#: ``feature_dtype="float16"``).
 PRESETS: dict[str, SynthConfig] = {
     # toy and demo: choices driven by the latents more than by popularity (32 candidates per pick),
     # so a model that reads the modalities can beat a popularity ranker.
@@ -437,23 +444,34 @@ class _FeatureMap:
         return out
 
 
+_FLOAT32 = np.dtype(np.float32)
+
+
 def _default_chunk(dim: int) -> int:
     rows = FEATURE_CHUNK_BYTES // (8 * (dim + 2 * HIDDEN))
     return max(NOISE_BLOCK, rows // NOISE_BLOCK * NOISE_BLOCK)
 
 
-def _write_features(path, fmap, shared, specific, chunk_items, progress, desc):
-    """Stream ``[n_items, d]`` float32 features to ``path`` (``.npy``), one chunk mapped at a time."""
+def _write_features(path, fmap, shared, specific, chunk_items, progress, desc, dtype=_FLOAT32):
+    """Stream ``[n_items, d]`` features to ``path`` (``.npy``, ``dtype``), one chunk mapped at a time.
+
+    Rows are computed as float32 and rounded to ``dtype`` (float16) as they are written.
+    """
     n = len(shared)
-    header = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, fmap.dim))
+    header = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, fmap.dim))
     offset = header.offset
     del header  # only the header and the file size; chunks are mapped one by one below
     chunk = chunk_items or _default_chunk(fmap.dim)
-    row_bytes = 4 * fmap.dim
+    row_bytes = dtype.itemsize * fmap.dim
     for lo in tqdm(range(0, n, chunk), desc=desc, unit="chunk", disable=None if progress else True):
         hi = min(n, lo + chunk)
         block = fmap.rows(shared[lo:hi], specific[lo:hi], lo)
-        out = np.memmap(path, dtype=np.float32, mode="r+", offset=offset + lo * row_bytes,
+        if dtype != np.float32:
+            with np.errstate(over="ignore"):
+                block = block.astype(dtype)
+            if not np.isfinite(block).all():
+                raise ValueError(f"{desc} overflow {dtype} (noise={fmap.noise}); use feature_dtype float32")
+        out = np.memmap(path, dtype=dtype, mode="r+", offset=offset + lo * row_bytes,
                         shape=(hi - lo, fmap.dim))
         out[:] = block
         out.flush()
@@ -594,7 +612,8 @@ def generate(out_dir: str | os.PathLike, config: SynthConfig, *, progress: bool 
         del users_latent
         for m in cfg.modalities:
             _write_features(os.path.join(tmp_dir, names["features"][m]), _FeatureMap(cfg, m), shared,
-                            specific[m], chunk_items, progress, desc=f"{m} features")
+                            specific[m], chunk_items, progress, desc=f"{m} features",
+                            dtype=np.dtype(cfg.feature_dtype))
         document = {
             "generator": "dgmrec_dgl.data.synthetic",
             "format_version": 1,

@@ -96,7 +96,7 @@ def refine_knn(graph_norm: KnnGraph, features: np.ndarray, missing_rows, alpha: 
 
     Raises:
         ValueError: shapes that do not match the graph, alpha outside [0, 1], unknown ``sources``, a
-            missing row marked present, negative degrees.
+            missing row marked present, non-finite features.
     """
     n = graph_norm.n_items
     features = _check_features(features)
@@ -143,6 +143,12 @@ def refine_knn(graph_norm: KnnGraph, features: np.ndarray, missing_rows, alpha: 
     else:
         deg[used] = source_degree(graph_norm, features, used)
     deg[rows] = new.row_sums()
+    if not np.isfinite(deg).all():
+        raise ValueError("the refinement degrees are not finite: the features hold NaN or inf (a diverged "
+                         "model; lower the learning rate)")
+    # Cosine top-k rows of zero-mean features can sum to <= 0. Such a degree counts as 0, so its entries
+    # get weight 0: the reference's rule for a zero degree (its D^-1/2 would be NaN for a negative sum).
+    np.maximum(deg, 0.0, out=deg)
 
     # the new rows as an n-row CSR (other rows empty) so the kernel indexes degrees by global item id
     counts = np.zeros(n, dtype=np.int64)

@@ -308,23 +308,21 @@ class DGMRec(Recommender):
 
     # ------------------------------------------------------------------ generation (Eq. 12–15)
     @torch.no_grad()
-    def generate_features(self, g, targets: dict[str, torch.Tensor],
-                          generator: torch.Generator | None = None) -> dict[str, int]:
-        """Overwrite the raw-feature rows ``targets[m]`` with generated features X̂_m.
+    def generated_features(self, g, rows: dict[str, torch.Tensor], generator: torch.Generator | None = None,
+                           reps: Representations | None = None) -> dict[str, torch.Tensor]:
+        """Generated raw features X̂_m of the items ``rows[m]`` (Eq. 12–15), written nowhere.
 
         General features come from the other modalities' ḡ through G^g_m (Eq. 12), specific ones from the
         item preference through G^s_m (Eq. 13); both are propagated on S^m, perturbed and decoded (Eq. 15).
+        With one modality the general part is the modality's own ḡ.
 
         Returns:
-            rows written per modality.
+            modality → float32 ``[len(rows[m]), d_m]``.
         """
         cfg = self.config
-        reps = self(g)
-        written = {}
-        for m, rows in targets.items():
-            if len(rows) == 0:
-                written[m] = 0
-                continue
+        reps = self(g) if reps is None else reps
+        out = {}
+        for m, ids in rows.items():
             v = reps.modalities[m]
             others = [o for o in self.modalities if o != m]
             if others:
@@ -333,9 +331,22 @@ class DGMRec(Recommender):
                 general = v.item_general
             specific = self.specific_generators[m](v.preference)
             h = propagate_modality(g, m, torch.cat([general, specific], dim=1), cfg.n_mm_layers)
-            gen_hat, spec_hat = h[rows].chunk(2, dim=1)
-            decoded = self.decoders[m](perturb(gen_hat, cfg.perturb_eps, generator),
-                                       perturb(spec_hat, cfg.perturb_eps, generator))
-            self.raw[m].data[rows] = decoded
-            written[m] = int(len(rows))
+            gen_hat, spec_hat = h[ids].chunk(2, dim=1)
+            out[m] = self.decoders[m](perturb(gen_hat, cfg.perturb_eps, generator),
+                                      perturb(spec_hat, cfg.perturb_eps, generator))
+        return out
+
+    @torch.no_grad()
+    def generate_features(self, g, targets: dict[str, torch.Tensor],
+                          generator: torch.Generator | None = None) -> dict[str, int]:
+        """Overwrite the raw-feature rows ``targets[m]`` with :meth:`generated_features`.
+
+        Returns:
+            rows written per modality.
+        """
+        targets = {m: rows for m, rows in targets.items() if len(rows)}
+        written = {m: 0 for m in self.modalities}
+        for m, decoded in self.generated_features(g, targets, generator).items():
+            self.raw[m].data[targets[m]] = decoded
+            written[m] = int(len(targets[m]))
         return written
