@@ -59,6 +59,19 @@ class TrainConfig:
     seed: int = 999
     device: str = "cpu"
     threads: int = 0                   # torch threads; 0 = torch's default
+    # Arithmetic of the training steps' forward + loss: fp32 (the reference's maths) or bf16 (CPU autocast
+    # to bfloat16 for matrix products; weights, optimiser state and raw feature tables stay float32;
+    # evaluation, generation and refinement stay float32). See dgmrec_dgl.train.
+    precision: str = "fp32"
+
+    def __setattr__(self, name, value):
+        if name == "precision" and value not in PRECISIONS:
+            raise DataError("config", "train.precision", f"unknown precision {value!r}",
+                            f"use one of: {', '.join(PRECISIONS)}")
+        super().__setattr__(name, value)
+
+
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass

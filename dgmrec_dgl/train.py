@@ -20,6 +20,7 @@ averaged; rank 0 alone evaluates and writes the run folder).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -100,6 +101,10 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
         max_epochs: stop after this many epochs of this call (to test resuming).
     """
     tcfg = config.train
+    if tcfg.precision != "fp32" and config.model.name not in BF16_MODELS:
+        raise DataError("config", "train.precision", f"{tcfg.precision} is not supported by model "
+                        f"{config.model.name!r}", f"use train.precision: fp32, or one of the models "
+                        f"{', '.join(BF16_MODELS)}")
     world = distributed.current_world()
     main = world.is_main                # only rank 0 writes
     if main:
@@ -115,6 +120,7 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
     dataset = load_dataset(config)
     model = build_model(config, dataset)
     g = model.make_graph(dataset)
+    step_precision = _step_precision(model, tcfg.precision)
     optimizer = torch.optim.Adam(model.main_parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
     auxiliary = model.auxiliary_optimizer()
@@ -170,7 +176,8 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
         if world.size == 1:
             for start in range(0, len(users), tcfg.batch_size):
                 sl = slice(start, start + tcfg.batch_size)
-                loss, parts = model.loss(model(g), users[sl], pos[sl], neg[sl], generator)
+                with step_precision():
+                    loss, parts = model.loss(model(g), users[sl], pos[sl], neg[sl], generator)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -179,7 +186,8 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
                 n_batches += 1
         else:
             n_batches = _train_epoch_sharded(model, g, optimizer, (users, pos, neg), tcfg.batch_size, world,
-                                             distributed.rank_generator(tcfg.seed, epoch, world.rank), sums)
+                                             distributed.rank_generator(tcfg.seed, epoch, world.rank), sums,
+                                             step_precision)
         scheduler.step()
         t2 = time.perf_counter()
         record["loss"] = {k: v / max(n_batches, 1) for k, v in sums.items()}
@@ -233,8 +241,43 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
     return result
 
 
+#: models whose training step was checked under bf16 autocast (CI2MG's optimal-transport autograd Function
+#: is not autocast-aware: its backward multiplies a bfloat16 plan by a float32 gradient)
+BF16_MODELS = ("dgmrec", "lightgcn", "mfbpr")
+
+
+def _step_precision(model: Recommender, precision: str):
+    """The context a training step's forward + loss runs in (``train.precision``); a no-argument factory.
+
+    ``fp32``: no context, the reference's maths. ``bf16``: ``torch.autocast("cpu", torch.bfloat16)``, so
+    matrix products (every ``nn.Linear``: the encoders over all items' raw features, the decoder, the
+    generators; the InfoNCE similarity products) run in bfloat16, while parameters, their gradients, the
+    optimiser state and the raw feature tables stay float32. Everything outside the step (CLUB steps,
+    generation, refinement, evaluation) runs in float32.
+
+    Under autocast a Linear layer returns bfloat16, which DGL's weighted SpMM refuses next to the float32
+    edge weights (``u_mul_e``: "node features' data type ... doesn't match edge features'") and which would
+    put the element-wise maths (sigmoid, tanh, propagation sums, BPR's logsigmoid, norms) in bfloat16 as well.
+    So a forward hook casts every bfloat16 output of a leaf module back to float32: only the products are
+    bfloat16, the message passing and the losses are float32 (cross-entropy and MSE are float32 under
+    torch's CPU autocast policy anyway; logsigmoid and norm are not). The hooks are inactive outside autocast.
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext
+
+    def to_fp32(module, args, output):
+        if isinstance(output, torch.Tensor) and output.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu"):
+            return output.float()
+        return output
+
+    for module in model.modules():
+        if next(module.children(), None) is None:
+            module.register_forward_hook(to_fp32)
+    return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+
+
 def _train_epoch_sharded(model: Recommender, g, optimizer, triples, batch_size: int, world, generator,
-                         sums: dict[str, float]) -> int:
+                         sums: dict[str, float], step_precision=contextlib.nullcontext) -> int:
     """One epoch of data-parallel steps (see :mod:`dgmrec_dgl.distributed`); returns the number of batches.
 
     Adds to ``sums`` the loss parts as full-batch values: each rank's parts weighted by its share of the
@@ -250,7 +293,8 @@ def _train_epoch_sharded(model: Recommender, g, optimizer, triples, batch_size: 
         optimizer.zero_grad(set_to_none=True)
         if hi > lo:                     # a batch smaller than the world leaves some shards empty
             sl = slice(start + lo, start + hi)
-            loss, parts = model.loss(model(g), users[sl], pos[sl], neg[sl], generator)
+            with step_precision():
+                loss, parts = model.loss(model(g), users[sl], pos[sl], neg[sl], generator)
             (loss * distributed.shard_weight(hi - lo, n, world.size)).backward()
             for k, v in parts.items():
                 local[k] = local.get(k, 0.0) + v * (hi - lo) / n

@@ -1,1 +1,13 @@
-"""Numba kernels of dgmrec-dgl (no torch here), each with a pure-numpy twin used by the tests."""
+"""Numba kernels of dgmrec-dgl (no torch here), each with a pure-numpy twin used by the tests.
+
+- :mod:`kernels.refine` — CSR graph refinement (Eq. 16): :func:`refine_rows`, :func:`row_sums`,
+  :func:`sym_normalize_rows`.
+- :mod:`kernels.sampling` — BPR triples: :func:`bpr_triples`, :func:`sample_negatives`.
+- :mod:`kernels.ivf` — the IVF list scan of the kNN graphs: :func:`ivf_topk`.
+"""
+
+from kernels.ivf import ivf_topk
+from kernels.refine import refine_rows, row_sums, sym_normalize_rows
+from kernels.sampling import bpr_triples, sample_negatives
+
+__all__ = ["bpr_triples", "ivf_topk", "refine_rows", "row_sums", "sample_negatives", "sym_normalize_rows"]

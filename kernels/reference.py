@@ -4,6 +4,7 @@
 - :func:`row_sums_reference`, :func:`sym_normalize_rows_reference` — per-entry numpy.
 - :func:`sym_normalize_dense_reference` — the dense ``D^-1/2 S D^-1/2`` on the chosen rows.
 - :func:`train_pairs_reference`, :func:`negatives_valid_reference` — what BPR sampling must satisfy.
+- :func:`ivf_topk_reference` — per query, every probed list's members scored and sorted in numpy.
 """
 
 from __future__ import annotations
@@ -132,3 +133,31 @@ def negatives_valid_reference(indptr, indices, users, neg, n_items) -> np.ndarra
     if np.any(in_range):
         hit[in_range] = np.asarray(train[users[in_range], neg[in_range]]).ravel() != 0
     return in_range & ~hit
+
+
+def ivf_topk_reference(features, query_items, query_inv_norm, list_ptr, list_items, list_inv_norm, probes, k):
+    """Twin of :func:`kernels.ivf.ivf_topk`: returns ``(items [r, k] int64, scores [r, k] float32)``.
+
+    Query by query: the members of the probed lists are scored ``((x_q . x_j) * inv_q) * inv_j`` in
+    float32, sorted by score descending then item ascending, and the first k kept; missing slots are
+    ``(-1, -inf)``. Equal to the kernel bit for bit whenever the inner products are exact in float32
+    (e.g. small integer features); otherwise up to the order of the float32 sums.
+    """
+    features = np.asarray(features, dtype=np.float32)
+    query_items = np.asarray(query_items, dtype=np.int64)
+    query_inv_norm = np.asarray(query_inv_norm, dtype=np.float32)
+    list_ptr = np.asarray(list_ptr, dtype=np.int64)
+    list_items = np.asarray(list_items, dtype=np.int64)
+    list_inv_norm = np.asarray(list_inv_norm, dtype=np.float32)
+    probes = np.asarray(probes, dtype=np.int64)
+    items = np.full((query_items.size, k), -1, dtype=np.int64)
+    scores = np.full((query_items.size, k), -np.inf, dtype=np.float32)
+    for q, item in enumerate(query_items):
+        members = np.concatenate([np.arange(list_ptr[lst], list_ptr[lst + 1]) for lst in probes[q]] +
+                                 [np.zeros(0, np.int64)])
+        dots = features[list_items[members]] @ features[item]
+        cand = (dots * query_inv_norm[q]) * list_inv_norm[members]
+        order = np.lexsort((list_items[members], -cand))[:k]
+        items[q, :order.size] = list_items[members][order]
+        scores[q, :order.size] = cand[order]
+    return items, scores
