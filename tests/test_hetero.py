@@ -73,10 +73,11 @@ def test_update_all_with_autograd_equals_dense(small, relation):
     etype = {"knn": knn_etype("v"), "ui": UI, "iu": IU}[relation]
     src_t, _, dst_t = etype
     src, dst = g.edges(etype=etype)
+    # a field other than "w" takes the u_mul_e path on every relation, with a gradient for the weights
     w = g.edges[etype].data["w"].clone().requires_grad_(True)
-    g.edges[etype].data["w"] = w
+    g.edges[etype].data["w_edge"] = w
     h = torch.randn(g.num_nodes(src_t), 7, requires_grad=True)
-    out = propagate(g, etype, h)
+    out = propagate(g, etype, h, weight="w_edge")
     upstream = torch.randn_like(out)
     (out * upstream).sum().backward()
 
@@ -88,6 +89,43 @@ def test_update_all_with_autograd_equals_dense(small, relation):
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h.grad, h2.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("etype", [UI, IU])
+def test_user_item_node_factors_equal_edge_weights(small, etype):
+    """The user–item step (copy_u on features scaled by ``norm``) equals the u_mul_e step on ``w``."""
+    ds, knn = small
+    g = build_heterograph(ds, knn)
+    src, dst = g.edges(etype=etype)
+    src_t, _, dst_t = etype
+    torch.testing.assert_close(g.srcnodes[src_t].data["norm"][src, 0] * g.dstnodes[dst_t].data["norm"][dst, 0],
+                               g.edges[etype].data["w"], rtol=1e-6, atol=0)
+    g.edges[etype].data["w_edge"] = g.edges[etype].data["w"]
+    h = torch.randn(g.num_nodes(src_t), 5, requires_grad=True)
+    h2 = h.detach().clone().requires_grad_(True)
+    fast, slow = propagate(g, etype, h), propagate(g, etype, h2, weight="w_edge")
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    upstream = torch.randn_like(fast)
+    (fast * upstream).sum().backward()
+    (slow * upstream).sum().backward()
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_propagate_on_a_block_equals_the_full_graph(small):
+    """A one-layer block seeded by some destination nodes gives them the full-graph sums (both paths)."""
+    from dgmrec_dgl._dgl import dgl
+
+    ds, knn = small
+    g = build_heterograph(ds, knn)
+    for etype in (UI, knn_etype("v")):
+        src_t, _, dst_t = etype
+        seeds = torch.tensor([0, 3, 5])
+        sub = dgl.in_subgraph(dgl.edge_type_subgraph(g, [etype]), {dst_t: seeds})
+        block = dgl.to_block(sub, {dst_t: seeds})
+        h = torch.randn(g.num_nodes(src_t), 4)
+        full = propagate(g, etype, h)
+        got = propagate(block, etype, h[block.srcnodes[src_t].data[dgl.NID]])
+        torch.testing.assert_close(got, full[seeds])
 
 
 def test_mean_aggregate_equals_dense(small):
