@@ -5,7 +5,8 @@ Per epoch (the reference schedule, DGMRec_SPEC §1 and §4):
 1. ``model.before_epoch``: for DGMRec the CLUB estimator steps, the generation of the raw-feature rows of
    items missing a modality and, every ``refresh_every`` epochs, the refinement of their kNN rows (Eq. 16).
 2. BPR triples (one uniform negative per train interaction, Numba sampler), mini-batches, Adam with the
-   lr multiplied by ``lr_decay^(epoch / lr_decay_every)``.
+   lr multiplied by ``lr_decay^(epoch / lr_decay_every)``; each step's loss reads
+   ``model.batch_forward`` (the whole graph, or DGMRec's exact blocks with ``model.execution: blocks``).
 3. Every ``eval_every`` epochs: valid Recall@20 (full ranking); the best model is checkpointed atomically
    and tested; training stops after ``patience`` validations without improvement.
 
@@ -177,7 +178,7 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
             for start in range(0, len(users), tcfg.batch_size):
                 sl = slice(start, start + tcfg.batch_size)
                 with step_precision():
-                    loss, parts = model.loss(model(g), users[sl], pos[sl], neg[sl], generator)
+                    loss, parts = model.loss(*model.batch_forward(g, users[sl], pos[sl], neg[sl]), generator)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -294,7 +295,7 @@ def _train_epoch_sharded(model: Recommender, g, optimizer, triples, batch_size: 
         if hi > lo:                     # a batch smaller than the world leaves some shards empty
             sl = slice(start + lo, start + hi)
             with step_precision():
-                loss, parts = model.loss(model(g), users[sl], pos[sl], neg[sl], generator)
+                loss, parts = model.loss(*model.batch_forward(g, users[sl], pos[sl], neg[sl]), generator)
             (loss * distributed.shard_weight(hi - lo, n, world.size)).backward()
             for k, v in parts.items():
                 local[k] = local.get(k, 0.0) + v * (hi - lo) / n

@@ -3,9 +3,11 @@
 - :mod:`.knn` — ``KnnGraph``, ``build_knn``, ``query_rows``, ``normalize_knn`` (Eq. 4).
 - :mod:`.refine` — ``refine_knn`` (Eq. 16).
 - :mod:`.hetero` — ``build_heterograph``, ``replace_knn_relation``, ``propagate``, ``mean_aggregate``.
+- :mod:`.blocks` — exact full-neighbour DGL blocks (``knn_blocks``, ``item_user_block``) for DGMRec's
+  blocks execution mode.
 
-The DGL/torch side (:mod:`.hetero`) is imported on first use, so the FAISS/Numba side can run without
-loading torch (the graph benchmark measures its memory that way).
+The DGL/torch side (:mod:`.hetero`, :mod:`.blocks`) is imported on first use, so the FAISS/Numba side can
+run without loading torch (the graph benchmark measures its memory that way).
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from .knn import KnnGraph, KnnRows, build_knn, normalize_knn, query_rows
 from .refine import refine_knn
 
 _HETERO = ("build_heterograph", "replace_knn_relation", "propagate", "mean_aggregate", "knn_etype")
+_BLOCKS = ("relation_block", "knn_blocks", "item_user_block", "src_ids", "dst_ids")
 
-__all__ = ["KnnGraph", "KnnRows", "build_knn", "normalize_knn", "query_rows", "refine_knn", *_HETERO]
+__all__ = ["KnnGraph", "KnnRows", "build_knn", "normalize_knn", "query_rows", "refine_knn", *_HETERO, *_BLOCKS]
 
 
 def __getattr__(name: str):
     if name in _HETERO:
         return getattr(importlib.import_module(".hetero", __name__), name)
+    if name in _BLOCKS:
+        return getattr(importlib.import_module(".blocks", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

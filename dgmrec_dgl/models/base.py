@@ -6,6 +6,11 @@ A :class:`Recommender` is an ``nn.Module`` with three duties:
 - ``loss(reps, users, pos, neg, generator)`` → ``(total, {part: value})`` for a batch of BPR triples;
 - ``fused(reps)`` → ``(user [n_users, d'], item [n_items, d'])`` whose inner products are the scores.
 
+A training step calls ``model.loss(*model.batch_forward(g, users, pos, neg), generator)``:
+:meth:`Recommender.batch_forward` defaults to ``forward(g)`` with the batch unchanged; a model may instead
+return representations of only the rows the batch reads, with the batch relabelled to those rows (DGMRec's
+blocks mode). Evaluation, scoring and generation always use ``forward``.
+
 Optional hooks: :meth:`Recommender.before_epoch` (work done once per epoch before the mini-batches, such as
 DGMRec's generation and graph refinement; it may return a new graph), :meth:`Recommender.main_parameters`
 (what the main optimiser trains) and :meth:`Recommender.auxiliary_optimizer` (a second optimiser the model
@@ -35,6 +40,18 @@ class Recommender(nn.Module):
         raise NotImplementedError  # pragma: no cover - abstract
 
     # ------------------------------------------------------------------ optional hooks
+    def batch_forward(self, g, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor):
+        """``(reps, users, pos, neg)`` for one training step's :meth:`loss`.
+
+        Args:
+            g: the training graph.
+            users, pos, neg: int64 ``[B]`` global ids of the batch's triples.
+
+        Returns:
+            representations and the batch as rows of them; by default ``(self(g), users, pos, neg)``.
+        """
+        return self(g), users, pos, neg
+
     def make_graph(self, dataset):
         """The heterograph the model runs on (default: the user–item relations only)."""
         return build_heterograph(dataset, {})

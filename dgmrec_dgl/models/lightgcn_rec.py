@@ -9,6 +9,12 @@ batch's *layer-0* embeddings:
     \mathcal L = -\frac1B \sum \log \sigma(\langle e_u, e_i \rangle - \langle e_u, e_j \rangle)
                  + \lambda \frac{\lVert E^{(0)}_U[u] \rVert + \lVert E^{(0)}_I[i] \rVert
                  + \lVert E^{(0)}_I[j] \rVert}{B}
+
+Large catalogs: ``execution`` (``full | blocks | auto``, see :class:`~dgmrec_dgl.config.LightGCNConfig`) is
+accepted, and every mode runs the same exact per-step full-graph pass. The batch's layer-mean embeddings
+depend on the 3-hop neighbourhood of its users and items, and that neighbourhood is the whole graph: from a
+2,048-triple batch it held 100% of the users and >= 99.99% of the items on synthetic catalogs of 7K
+(19K users), 19K (36K users) and 50K items (100K users), so a block would only add the cost of building it.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@
 ``S^m`` is the normalised top-k cosine graph of modality m, stored as the heterograph relation
 ``('item', 'knn_<m>', 'item')``; the LAST layer is the output (not a layer mean). General and specific
 features travel together as one ``[n_items, 2d]`` tensor, one sparse product per layer.
+
+In blocks mode (:meth:`DGMRec.batch_forward`) the same steps run on exact full-neighbour DGL blocks
+(:func:`dgmrec_dgl.graphs.blocks.knn_blocks`, :func:`~dgmrec_dgl.graphs.blocks.item_user_block`): layer l
+computes ``S^m h`` only at the items layer l + 1 reads, from all of their neighbours.
 """
 
 from __future__ import annotations
@@ -23,6 +27,20 @@ def propagate_modality(g, modality: str, h: torch.Tensor, n_layers: int) -> torc
     return h
 
 
+def propagate_modality_blocks(blocks: list, modality: str, h: torch.Tensor) -> torch.Tensor:
+    """One step of ``h ← S^m h`` per block: ``h`` [n_src of blocks[0], w] → [n_dst of blocks[-1], w].
+
+    ``blocks`` come from :func:`~dgmrec_dgl.graphs.blocks.knn_blocks`; with none, ``h`` is returned as is.
+    """
+    for block in blocks:
+        h = propagate(block, f"knn_{modality}", h)
+    return h
+
+
 def user_modality_features(g, item_h: torch.Tensor) -> torch.Tensor:
-    """Eq. 6: ``item_h`` [n_items, w] → [n_users, w], mean over each user's train items."""
+    """Eq. 6: ``item_h`` [n_items, w] → [n_users, w], mean over each user's train items.
+
+    ``g`` may be an ``interacted_by`` block (``item_user_block``): then ``item_h`` holds its source items
+    and the result its destination users.
+    """
     return mean_aggregate(g, "interacted_by", item_h)
