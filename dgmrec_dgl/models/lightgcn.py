@@ -31,12 +31,15 @@ def lightgcn(g, user: torch.Tensor, item: torch.Tensor, n_layers: int) -> tuple[
     Returns:
         ``([n_users, d], [n_items, d])`` means over layers 0..L.
     """
-    users, items = [user], [item]
+    # A running sum, not a stack of the L + 1 layers: no layer output is needed by the backward pass (the
+    # sparse products save only the graph), so each layer is freed once added; at 1M items and 2M users
+    # that keeps ~2 [n, d] tensors per node type alive instead of L + 2.
+    u, i = user, item
+    user_sum, item_sum = user, item
     for _ in range(n_layers):
-        u, i = users[-1], items[-1]
-        items.append(propagate(g, "interacts", u))
-        users.append(propagate(g, "interacted_by", i))
-    return torch.stack(users).mean(dim=0), torch.stack(items).mean(dim=0)
+        u, i = propagate(g, "interacted_by", i), propagate(g, "interacts", u)
+        user_sum, item_sum = user_sum + u, item_sum + i
+    return user_sum / (n_layers + 1), item_sum / (n_layers + 1)
 
 
 class LightGCN(nn.Module):
