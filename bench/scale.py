@@ -14,8 +14,7 @@ that size. Stages, in the order they execute in the second process:
 2. ``load``: what :func:`dgmrec_dgl.train.load_dataset` does, timed part by part (details): read the
    ``.inter`` file and map + check the feature files (``Dataset.load``), draw the 2/3 mask, the optional
    PCA reduction (``Dataset.reduced`` with ``mask=``, fitted on up to 50,000 present items, before
-   imputation)
-   and the masking/imputation (``Dataset.with_mask``).
+   imputation) and the masking/imputation (``Dataset.with_mask``).
 3. ``knn``: the initial kNN graphs of every modality exactly as ``DGMRec.from_dataset`` builds them
    (``normalize_knn(build_knn(features, k=10, present, index="auto"))``; FAISS IVF above 20,000 items).
    ``from_dataset`` then reuses these graphs (its ``build_knn`` is temporarily pointed at them), so the
@@ -23,13 +22,17 @@ that size. Stages, in the order they execute in the second process:
    graphs are built on the features as loaded (the 256-d PCA image where the image is reduced).
 4. ``lightgcn_epoch`` and ``dgmrec_epoch``: one training epoch done the way :func:`dgmrec_dgl.train.train`
    does it (``build_model``, ``make_graph``, fused Adam, BPR triples from the Numba sampler, batches of
-   2048: ``model.loss(model(g), ...)``, ``backward``, ``step``; for DGMRec first ``before_epoch`` of epoch 0:
-   CLUB steps and the generation of missing rows, no refinement). First 1 warm-up step (lazy graph formats,
-   Adam state; reported, not counted), then ``--steps`` (5) timed steps. If the projected epoch is shorter
-   than ``--full-epoch-budget`` seconds a complete epoch is then run and its wall time reported
-   (``kind = measured``); otherwise the epoch is **extrapolated** (``kind = extrapolated``):
-   ``seconds = before_epoch + triple sampling + steps per epoch x median step`` (steps per epoch =
-   ceil(train interactions / 2048)); every term is in the details.
+   2048: ``model.loss(*model.batch_forward(g, users, pos, neg), generator)``, ``backward``, ``step``; for
+   DGMRec first ``before_epoch`` of epoch 0: CLUB steps and the generation of missing rows, no
+   refinement). ``--execution`` (``full | blocks | auto``, default ``auto``) is both models'
+   ``model.execution``; the mode it resolves to is the row's ``mode``: with ``auto`` DGMRec runs in
+   ``blocks`` mode from ``blocks_min_items`` (25,000) items on (the batch's item-side modality work on DGL
+   blocks, the ID branch on the whole graph), LightGCN always runs its full-graph step (``mode = full``).
+   First 1 warm-up step (lazy graph formats, Adam state; reported, not counted), then ``--steps`` (5)
+   timed steps. If the projected epoch is shorter than ``--full-epoch-budget`` seconds a complete epoch
+   is then run and its wall time reported (``kind = measured``); otherwise the epoch is
+   **extrapolated** (``kind = extrapolated``): ``seconds = before_epoch + triple sampling + steps per
+   epoch x median step`` (steps per epoch = ceil(train interactions / 2048)); every term is in the details.
 5. ``refine``: one ``DGMRec.refine_graphs`` (Eq. 16 on the rows of the items missing each modality,
    sources = present items), on the model after its timed steps.
 6. ``evaluate``: one full-ranking pass over every test user of the DGMRec model
@@ -52,33 +55,55 @@ growth exponents are printed for both. ``wall_s``/``cpu_s`` are what the stage r
 extrapolated stage: the warm-up and timed steps, or the user sample), and ``load_average_start`` the
 load average when it began.
 
-Memory: before every stage the process's peak is estimated from the data's shape (``estimate_gb``; the
-coefficients come from measurements at 20K-200K items, see :data:`MEM`) and compared with the limit
-``min(total - headroom, current RSS + available - headroom)`` (headroom ``--headroom-gb``, 4 GB). A
-stage that would not fit is recorded as ``skipped: needs X GB`` and not run; stages that depend on it are
-skipped too. The image modality is PCA-reduced to ``--reduce-dims`` (256) at the sizes where training
-DGMRec on the 4096-d image features would not fit (recorded in ``reduce_dims``/``image_dims_trained``);
-``--reduce`` forces it on (``always``) or off (``never``). The RSS thread also aborts the process if it
-passes the limit (status ``aborted: ...``) rather than let the machine run out of memory. At 1M items
-DGMRec is estimated at ~45 GB even with the 256-d image (LightGCN ~18 GB), so on a 24 GB machine its
-stages, and the refinement and evaluation that need the trained model, are recorded as skipped.
+Memory: before every stage the process's peak is estimated from the data's shape and DGMRec's mode
+(``estimate_gb``; the coefficients come from measurements at 20K-1M items, see :data:`MEM`) and
+compared with the limit ``min(total - headroom, current RSS + available - headroom)`` (headroom
+``--headroom-gb``, 4 GB). A stage that would not fit is recorded as ``skipped: needs X GB`` and not run;
+stages that depend on it are skipped too. The image modality is PCA-reduced to ``--reduce-dims`` (256)
+at the sizes where training DGMRec (in its mode) on the full-width features would not fit;
+``--reduce-dims image=64,text=64`` reduces both modalities; ``--reduce`` forces the reduction on
+(``always``) or off (``never``); the widths are recorded in ``reduce_dims`` and
+``image_dims_trained``/``text_dims_trained``. The RSS thread also aborts the process if it passes the
+limit (status ``aborted: ...``) rather than let the machine run out of memory.
 
-Results are keyed by (catalog size, image width trained): ``--reduce always`` at 50K gives a row set
-that is comparable with the reduced 200K/1M ones. A run replaces the rows of the (size, width) pairs it
-measures and keeps the others already in ``--out/scale.json`` (their runs' settings and load averages
-stay in ``meta.previous_runs``), so sizes can be measured in separate runs; ``--no-merge`` starts the
-files afresh.
+At 1M items (999,994 items, 2M users, 30.9M train interactions) DGMRec does not fit 20 GB with the 256-d
+image and the 384-d text: its blocks-mode step keeps LightGCN's full-graph ID branch (LightGCN's own step
+peaks at 13.6 GB there) and adds the trainable raw-feature tables with their dense gradients and Adam
+moments (16-23 bytes per item x dimension: 9.5-13.7 GB for 640 dimensions, 1.9-2.7 GB for 128). The
+estimate is ~32 GB and the 64-d measurement below projects 25-28 GB (+7.6-11 GB for the 512 more
+dimensions, +1 GB of wider features in the dataset), so DGMRec, refinement and evaluation are recorded as
+skipped at those widths. With both modalities reduced to 64 dims (``--reduce always --reduce-dims
+image=64,text=64``) DGMRec's stage peaks at 16.1 GB, refinement at 8.1 GB and evaluation at 14.7 GB.
+
+Partial runs: ``--stages`` runs a subset of the stages and every stage they depend on (``evaluate``
+needs ``generate``, ``load``, ``knn`` and ``dgmrec_epoch``; ``lightgcn_epoch`` only ``generate`` and
+``load``). ``--reuse-data`` skips the generation where ``--work/scale<n>`` already holds the finished
+dataset of that size and seed (its ``synthetic.json`` and every file it names; the data are then kept):
+the ``generate`` row is then the one an earlier run measured for that size (at any widths: generation
+does not depend on them; its ``run`` column says which run), or, when the results hold none, a row
+``not run: data reused from ...`` with the size on disk; ``meta.reused_data`` says which.
+
+Results are rows keyed by (catalog size, image and text widths trained, stage): ``--reduce always`` at
+50K gives rows comparable with the reduced 200K/1M ones. A run replaces the rows of the stages it runs
+(whatever their outcome) and keeps every other row already in ``--out/scale.json``, including those of
+the stages ``--stages`` left out; ``run`` (the start time of the run that measured a row) and
+``execution`` tell them apart, and the earlier runs' settings and load averages stay in
+``meta.previous_runs``. ``--no-merge`` starts the files afresh.
 
 Writes ``scale.json``, ``scale.csv`` and ``scale.png`` (log-log vs catalog size: wall seconds, CPU seconds
-and peak GB per stage, GB on disk; solid lines 4096-d image, dashed reduced, hollow markers extrapolated) into ``--out`` (``bench/results``)
-atomically after every size, and prints a table and the growth exponents ``b`` (time ~ n^b) between
-sizes trained at the same image width. Data go to ``--work`` (default: a temporary folder, deleted at
-the end).
+and peak GB per stage, GB on disk; solid lines full width, dashed / dotted reduced, hollow markers
+extrapolated) into ``--out`` (``bench/results``) atomically after every size, and prints a table and the
+growth exponents ``b`` (time ~ n^b) between sizes trained at the same widths. Data go to ``--work``
+(default: a temporary folder, deleted at the end).
 
-    python bench/scale.py --quick                   # 50K only, < 10 min (2.5-4.5 min here, load average 2-4)
+    python bench/scale.py --quick                   # 50K only, < 10 min (1.5 min here at load average 1-2)
     python bench/scale.py --sizes 200000            # one more size, added to the results
     python bench/scale.py --sizes 50000 --reduce always   # 50K with the image at 256 dims
-    python bench/scale.py --work /data/scale --keep-data
+    python bench/scale.py --sizes 1000000 --work /data/scale --stages generate --keep-data   # data only
+    python bench/scale.py --sizes 1000000 --work /data/scale --reuse-data --eval-sample 8192   # 6 min here
+    python bench/scale.py --sizes 1000000 --work /data/scale --reuse-data --eval-sample 8192 --reduce always \
+        --reduce-dims image=64,text=64 --stages knn,dgmrec_epoch,refine,evaluate               # 8 min here
+    python bench/scale.py --sizes 50000 --work /data/scale --reuse-data --stages evaluate  # re-measure one stage
 """
 
 from __future__ import annotations
@@ -113,34 +138,50 @@ DIMS = {"image": 4096, "text": 384}
 USERS_PER_ITEM = 2
 MEAN_INTERACTIONS = 20.0
 STAGES = ("generate", "load", "knn", "lightgcn_epoch", "dgmrec_epoch", "refine", "evaluate")
-DEPENDS = {"knn": "load", "lightgcn_epoch": "load", "dgmrec_epoch": "knn", "refine": "dgmrec_epoch",
-           "evaluate": "dgmrec_epoch"}
+DEPENDS = {"load": "generate", "knn": "load", "lightgcn_epoch": "load", "dgmrec_epoch": "knn",
+           "refine": "dgmrec_epoch", "evaluate": "dgmrec_epoch"}
+EXECUTIONS = ("full", "blocks", "auto")
 RESULTS = Path(__file__).resolve().parent / "results"
 GB = 1024 ** 3
 EXIT_MEMORY = 75          # the RSS thread's exit status when the process passes its memory limit
 
-#: Memory model (bytes) behind ``estimate_gb``. Fitted to the process's peak RSS measured at 20K (image
-#: 4096 and 256 dims), 50K (4096) and 200K (256) items: a DGMRec step took ~16-25 KB per item (with its
-#: 2 users and ~31 train interactions; less at larger sizes) plus ~25 bytes per item x feature dimension
-#: (trainable raw features with gradient and Adam moments, decoder outputs, the imputed rows); a LightGCN
-#: step 14-26 KB per item; the kNN build ~9 bytes per item x dimension of the widest modality (its float32
-#: copy and the index's normalised rows); reading the .inter file ~60-170 bytes per interaction.
-#: ``per_node`` counts users and items, ``per_interaction`` the train interactions (``_read`` /
-#: ``_dataset``: all interactions, while reading the .inter file / kept in the dataset). With ``SAFETY``
-#: the model is within -17% .. +30% of the measured training peaks (under only at 20K, where everything
-#: is small) and over-estimates load and kNN by up to 3x (it counts the memory-mapped 4096-d files as
-#: resident).
+#: Memory model (bytes) behind ``estimate_gb``. Load, kNN and full-mode DGMRec (``execution: full``) were
+#: fitted to the process's peak RSS measured at 20K (image 4096 and 256 dims), 50K (4096) and 200K (256)
+#: items before the blocks mode existed: a full-graph DGMRec step took ~16-25 KB per item (with its 2 users
+#: and ~31 train interactions; less at larger sizes) plus ~25 bytes per item x feature dimension (trainable
+#: raw features with gradient and Adam moments, decoder outputs, the imputed rows); the kNN build ~9 bytes
+#: per item x dimension of the widest modality (its float32 copy and the index's normalised rows); reading
+#: the .inter file ~60-170 bytes per interaction. ``per_node`` counts users and items, ``per_interaction``
+#: the train interactions (``_read`` / ``_dataset``: all interactions, while reading the .inter file / kept
+#: in the dataset).
+#: LightGCN, re-measured with the copy_u propagation: peak 1.4-1.8 GB at 50K, 2.7-3.3 GB at 200K and 13.6 GB
+#: at 1M; its step adds ~3.9 KB per user or item at 200K-1M (the ID tables with gradient and Adam moments,
+#: 1 KB, and three layers' activations with their gradients), fitted as 2,400 per node + 110 per train
+#: interaction.
+#: Blocks mode (``dgmrec_blocks_*``): the step's ID branch is LightGCN's full-graph pass, so the per-node and
+#: per-interaction terms are LightGCN's; on top come the raw-feature tables at 23 bytes per item x feature
+#: dimension: 16 for the float32 table, its dense gradient and two Adam moments, the rest the batch's copy
+#: of its kNN input rows and their gradient (nearly every item at 50K; a smaller share at 1M). The 23 comes
+#: from the width difference at 50K (image 4096 vs 256, text 384: 7.14 vs 2.64 GB), checked at 50K and 200K
+#: (256/384 and 64/64) and at 1M (64/64: 16.1 GB measured, 17.8 GB estimated).
+#: With ``SAFETY`` the training estimates are within -29% .. +22% of the measured peaks (under only at 50K,
+#: by at most 0.6 GB, where fixed costs dominate; +11% at 1M); refinement and evaluation reuse DGMRec's
+#: estimate (up to 1.1 GB under at 50K, 1.2-2.2x over at 1M); load and kNN are over-estimated by up to 3x
+#: (the model counts the memory-mapped 4096-d files as resident).
 MEM = {
     "base": 0.45 * GB,
     "per_interaction_read": 120.0,
     "per_interaction_dataset": 40.0,
     "knn_per_item_dim": 9.0,
     "knn_per_item": 400.0,
-    "lightgcn_per_node": 3_000.0,
+    "lightgcn_per_node": 2_400.0,
     "lightgcn_per_interaction": 110.0,
     "dgmrec_per_node": 6_000.0,
     "dgmrec_per_interaction": 150.0,
     "dgmrec_per_item_dim": 23.0,
+    "dgmrec_blocks_per_node": 2_400.0,
+    "dgmrec_blocks_per_interaction": 110.0,
+    "dgmrec_blocks_per_item_dim": 23.0,
 }
 SAFETY = 1.15
 
@@ -163,12 +204,13 @@ def nominal_shape(n: int) -> dict:
     return dict(n_items=n, n_users=users, n_interactions=inter, n_train=int(0.8 * inter))
 
 
-def estimate_gb(stage: str, shape: dict, dims: dict[str, int], itemsize: int = 2) -> float:
+def estimate_gb(stage: str, shape: dict, dims: dict[str, int], mode: str = "full", itemsize: int = 2) -> float:
     """Estimated peak RSS (GB) of the process during ``stage`` for data of ``shape``.
 
     ``shape``: n_items, n_users, n_interactions, n_train. ``dims``: modality -> width *as trained* (after
-    any reduction). Stages run in one process, so each estimate includes what earlier stages keep alive
-    (the dataset; the kNN graphs). A linear model in the counts, see :data:`MEM`.
+    any reduction). ``mode``: DGMRec's training mode, ``full`` or ``blocks`` (:func:`training_mode`).
+    Stages run in one process, so each estimate includes what earlier stages keep alive (the dataset; the
+    kNN graphs). A linear model in the counts, see :data:`MEM`.
     """
     n, u = shape["n_items"], shape["n_users"]
     inter, train = shape["n_interactions"], shape["n_train"]
@@ -185,11 +227,19 @@ def estimate_gb(stage: str, shape: dict, dims: dict[str, int], itemsize: int = 2
         need = kept + graphs + MEM["lightgcn_per_node"] * (n + u) + MEM["lightgcn_per_interaction"] * train
     elif stage in ("dgmrec_epoch", "refine", "evaluate"):
         # refinement and evaluation run after the training steps and need less than they did
-        need = (kept + graphs + MEM["dgmrec_per_node"] * (n + u) + MEM["dgmrec_per_interaction"] * train
-                + MEM["dgmrec_per_item_dim"] * n * total_dim)
+        key = "dgmrec_blocks" if mode == "blocks" else "dgmrec"
+        need = (kept + graphs + MEM[f"{key}_per_node"] * (n + u) + MEM[f"{key}_per_interaction"] * train
+                + MEM[f"{key}_per_item_dim"] * n * total_dim)
     else:
         raise ValueError(stage)
     return SAFETY * need / GB
+
+
+def training_mode(execution: str, n_items: int) -> str:
+    """``full`` or ``blocks``: what ``execution`` selects for DGMRec on ``n_items`` items (as the config does)."""
+    from dgmrec_dgl.config import DGMRecConfig, resolve_execution
+
+    return resolve_execution(DGMRecConfig(execution=execution), n_items)
 
 
 def memory_limit_gb(headroom_gb: float, rss_bytes: int = 0) -> float:
@@ -198,19 +248,62 @@ def memory_limit_gb(headroom_gb: float, rss_bytes: int = 0) -> float:
     return min(vm.total / GB - headroom_gb, (rss_bytes + vm.available) / GB - headroom_gb)
 
 
-def plan_dims(n: int, reduce: str, reduce_dims: int, limit_gb: float) -> tuple[dict[str, int], dict | None]:
+def plan_dims(n: int, reduce: str, reduce_dims: int | dict[str, int], limit_gb: float,
+              mode: str = "full") -> tuple[dict[str, int], dict | None]:
     """Feature widths to train with and the ``reduce_dims`` to load with, for ``n`` items.
 
-    ``reduce="auto"``: the image is reduced only when DGMRec's training at full width would not fit
-    ``limit_gb`` (estimated); ``always`` / ``never`` force the choice.
+    ``reduce_dims``: the image's PCA width (an int) or modality -> width (``--reduce-dims``).
+    ``reduce="auto"``: the features are reduced only when DGMRec's training (in ``mode``) at full width
+    would not fit ``limit_gb`` (estimated); ``always`` / ``never`` force the choice.
     """
     full = dict(DIMS)
     if reduce == "never":
         return full, None
-    reduced = {m: (min(d, reduce_dims) if m == "image" else d) for m, d in DIMS.items()}
-    if reduce == "always" or estimate_gb("dgmrec_epoch", nominal_shape(n), full) > limit_gb:
-        return reduced, {"image": reduce_dims}
+    targets = reduce_dims if isinstance(reduce_dims, dict) else {"image": reduce_dims}
+    reduced = {m: min(d, targets.get(m, d)) for m, d in DIMS.items()}
+    if reduce == "always" or estimate_gb("dgmrec_epoch", nominal_shape(n), full, mode) > limit_gb:
+        return reduced, {m: d for m, d in reduced.items() if d < DIMS[m]} or None
     return full, None
+
+
+def parse_reduce_dims(text: str) -> int | dict[str, int]:
+    """``--reduce-dims``: ``256`` (the image's width) or ``image=128,text=128``."""
+    if "=" not in text:
+        return int(text)
+    out = {}
+    for part in text.split(","):
+        m, _, d = part.partition("=")
+        if m.strip() not in DIMS:
+            raise argparse.ArgumentTypeError(f"unknown modality {m.strip()!r}; the data have {', '.join(DIMS)}")
+        out[m.strip()] = int(d)
+    return out
+
+
+def with_dependencies(stages) -> list[str]:
+    """``stages`` and every stage they depend on (:data:`DEPENDS`), in the order of :data:`STAGES`."""
+    out = set()
+    for stage in stages:
+        while stage is not None and stage not in out:
+            out.add(stage)
+            stage = DEPENDS.get(stage)
+    return [s for s in STAGES if s in out]
+
+
+def dataset_complete(path: Path, n: int, seed: int) -> bool:
+    """True when ``path`` holds a finished synthetic dataset of ``synth_config(n, seed)``.
+
+    ``generate`` writes into a temporary folder and renames it when done, so ``synthetic.json`` and the
+    files it names exist together only for a finished dataset; its configuration must be this one.
+    """
+    try:
+        with open(path / "synthetic.json") as fh:
+            doc = json.load(fh)
+    except (OSError, json.JSONDecodeError):
+        return False
+    files = doc.get("files", {})
+    names = [files.get("inter"), *files.get("features", {}).values()]
+    want = json.loads(json.dumps(synth_config(n, seed).to_dict()))
+    return doc.get("config") == want and all(name and (path / name).is_file() for name in names)
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -294,9 +387,10 @@ class Recorder:
         return self.doc["stages"].get(stage, {}).get("status") == "ok"
 
     def check(self, stage: str, estimate: float) -> bool:
-        """False (and the stage recorded as skipped) when a dependency failed or ``estimate`` does not fit."""
+        """False (and the stage recorded as skipped) when a dependency this worker ran did not succeed or
+        ``estimate`` does not fit."""
         dep = DEPENDS.get(stage)
-        if dep and not self.done(dep):
+        if dep in self.doc["stages"] and not self.done(dep):
             self.skip(stage, f"skipped: needs {dep}")
             return False
         limit = memory_limit_gb(self.headroom_gb, self.monitor.rss())
@@ -371,7 +465,13 @@ def _config(model: str, spec: dict):
     data = {"dir": spec["data"], "missing_ratio": spec["missing_ratio"], "feature_dtype": spec["feature_dtype"],
             "reduce_dims": None}
     train = {"seed": spec["seed"], "threads": spec["threads"]}
-    return load_config(None, {"model": {"name": model}, "data": data, "train": train})
+    return load_config(None, {"model": {"name": model, "execution": spec["execution"]}, "data": data,
+                              "train": train})
+
+
+def _mode(model) -> str:
+    """The training mode ``model`` resolved its ``execution`` to (a model without the choice: ``full``)."""
+    return model.execution() if callable(getattr(model, "execution", None)) else "full"
 
 
 def _train_epoch(model, dataset, config, spec: dict, rec: dict, before_epoch: bool):
@@ -400,7 +500,7 @@ def _train_epoch(model, dataset, config, spec: dict, rec: dict, before_epoch: bo
 
     def step(users, pos, neg, sl):
         t, c = time.perf_counter(), cpu_seconds()
-        loss, _ = model.loss(model(g), users[sl], pos[sl], neg[sl], generator)
+        loss, _ = model.loss(*model.batch_forward(g, users[sl], pos[sl], neg[sl]), generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -517,6 +617,9 @@ def worker_pipeline(spec: dict) -> None:
     rec.doc["info"].update(torch_threads=torch.get_num_threads(), numba_threads=numba.get_num_threads())
     dims = spec["dims"]
     shape = dict(spec["shape"])
+    stages = spec["stages"]
+    if "load" not in stages:
+        return
 
     # 2. load
     est = estimate_gb("load", shape, dims)
@@ -541,7 +644,8 @@ def worker_pipeline(spec: dict) -> None:
              present={m: int(p.sum()) for m, p in dataset.present.items()}, mask_counts=mask.counts())
     shape = dict(n_items=dataset.n_items, n_users=dataset.n_users, n_interactions=dataset.n_interactions,
                  n_train=len(dataset.train))
-    rec.doc["info"]["shape"] = shape
+    mode = training_mode(spec["execution"], dataset.n_items)
+    rec.doc["info"].update(shape=shape, dgmrec_mode=mode)
     rec.flush()
 
     # 3. kNN (the calls of DGMRec.from_dataset)
@@ -549,7 +653,7 @@ def worker_pipeline(spec: dict) -> None:
     mcfg = dg_config.model
     raw_graphs = {}
     est = estimate_gb("knn", shape, dims)
-    if rec.check("knn", est):
+    if "knn" in stages and rec.check("knn", est):
         with rec.stage("knn", est) as r:
             for m in dataset.modalities:
                 t = time.perf_counter()
@@ -561,19 +665,20 @@ def worker_pipeline(spec: dict) -> None:
 
     # 4a. LightGCN
     est = estimate_gb("lightgcn_epoch", shape, dims)
-    if rec.check("lightgcn_epoch", est):
+    if "lightgcn_epoch" in stages and rec.check("lightgcn_epoch", est):
         lg_config = _config("lightgcn", spec)
         with rec.stage("lightgcn_epoch", est) as r:
             t = time.perf_counter()
             model = build_model(lg_config, dataset)
             r["model_init_s"] = time.perf_counter() - t
+            r["mode"] = _mode(model)
             _train_epoch(model, dataset, lg_config, spec, r, before_epoch=False)
         del model
 
     # 4b. DGMRec (from_dataset reuses the graphs of stage 3)
-    est = estimate_gb("dgmrec_epoch", shape, dims)
+    est = estimate_gb("dgmrec_epoch", shape, dims, mode)
     model = g = None
-    if rec.check("dgmrec_epoch", est):
+    if "dgmrec_epoch" in stages and rec.check("dgmrec_epoch", est):
         def cached_build_knn(features, k, present, **kwargs):
             m = next(m for m in dataset.modalities if dataset.features[m] is features)
             if k != mcfg.knn_k or kwargs.get("index") != mcfg.knn_index:
@@ -589,20 +694,21 @@ def worker_pipeline(spec: dict) -> None:
             finally:
                 dgmrec_module.build_knn = original
             r["model_init_s"] = time.perf_counter() - t
+            r["mode"] = _mode(model)
             r["dims_trained"] = {m: int(p.shape[1]) for m, p in model.raw.items()}
             g = _train_epoch(model, dataset, dg_config, spec, r, before_epoch=True)
     raw_graphs.clear()
 
     # 5. refinement
-    est = estimate_gb("refine", shape, dims)
-    if rec.check("refine", est):
+    est = estimate_gb("refine", shape, dims, mode)
+    if "refine" in stages and rec.check("refine", est):
         with rec.stage("refine", est) as r:
             g = model.refine_graphs(g)
         r["rows"] = {m: len(rows) for m, rows in model.refine_rows.items()}
 
     # 6. evaluation
-    est = estimate_gb("evaluate", shape, dims)
-    if rec.check("evaluate", est):
+    est = estimate_gb("evaluate", shape, dims, mode)
+    if "evaluate" in stages and rec.check("evaluate", est):
         with rec.stage("evaluate", est) as r:
             _evaluate(model, g, dataset, dg_config, spec, r)
 
@@ -639,8 +745,13 @@ def run_worker(kind: str, spec: dict, scratch: Path, timeout: float, env: dict) 
 # ---------------------------------------------------------------------------------------------- report
 
 
-def stage_rows(n: int, plan: dict, gen: dict, pipe: dict) -> list[dict]:
-    """One flat row per stage of size ``n`` (stages that never ran get a status saying why)."""
+def stage_rows(n: int, plan: dict, gen: dict, pipe: dict, ran=STAGES, run: str | None = None,
+               execution: str | None = None) -> list[dict]:
+    """One flat row per stage of size ``n``; a stage without a result gets a status saying why.
+
+    ``ran``: the stages this run set out to run (others are ``not run``); ``run``: the run's start time,
+    ``execution``: its ``--execution``, both copied into every row.
+    """
     stages = dict(gen.get("stages", {}))
     stages.update(pipe.get("stages", {}))
     shape = pipe.get("info", {}).get("shape") or {}
@@ -648,13 +759,13 @@ def stage_rows(n: int, plan: dict, gen: dict, pipe: dict) -> list[dict]:
     for stage in STAGES:
         s = stages.get(stage)
         if s is None:
-            dep = DEPENDS.get(stage) or ("generate" if stage == "load" else None)
-            s = {"status": f"skipped: needs {dep}" if dep else "not run"}
+            dep = DEPENDS.get(stage)
+            s = {"status": f"skipped: needs {dep}" if stage in ran and dep else "not run"}
         details = {k: v for k, v in s.items() if k not in ROW_FIELDS}
         row = dict(n=n, n_items=shape.get("n_items"), n_users=shape.get("n_users"), n_train=shape.get("n_train"),
-                   stage=stage, image_dims_trained=plan["dims"]["image"],
+                   stage=stage, image_dims_trained=plan["dims"]["image"], text_dims_trained=plan["dims"]["text"],
                    reduce_dims=json.dumps(plan["reduce_dims"]) if plan["reduce_dims"] else "",
-                   details=json.dumps(details, sort_keys=True, default=float))
+                   execution=execution, run=run, details=json.dumps(details, sort_keys=True, default=float))
         for k in ROW_FIELDS:
             if k in s:
                 row[k] = s[k]
@@ -662,10 +773,39 @@ def stage_rows(n: int, plan: dict, gen: dict, pipe: dict) -> list[dict]:
     return rows
 
 
-ROW_FIELDS = ("status", "seconds", "cpu_seconds", "kind", "wall_s", "cpu_s", "peak_rss_gb", "rss_start_gb", "hwm_rss_gb", "estimate_gb", "limit_gb",
-              "disk_gb")
-CSV_FIELDS = ("n", "n_items", "n_users", "n_train", "stage") + ROW_FIELDS + ("image_dims_trained", "reduce_dims",
-                                                                              "details")
+def widths(r: dict) -> tuple[int, int]:
+    """(image, text) widths a row was trained at (rows written before the text could be reduced: 384)."""
+    return r["image_dims_trained"], r.get("text_dims_trained") or DIMS["text"]
+
+
+def row_key(r: dict) -> tuple:
+    return r["n"], *widths(r), r["stage"]
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``new`` rows replace the ``old`` rows of the same (size, widths, stage), except that a new
+    ``not run...`` row (a stage this run left out, or generation when the data were reused) keeps the old
+    row it would replace. Sorted by size, width (widest first) and stage."""
+    rows = {row_key(r): r for r in old}
+    for r in new:
+        if not (str(r.get("status", "")).startswith("not run") and row_key(r) in rows):
+            rows[row_key(r)] = r
+    return sorted(rows.values(), key=lambda r: (r["n"], *(-w for w in widths(r)), STAGES.index(r["stage"])))
+
+
+def reused_generate(data: Path) -> dict:
+    """The ``generate`` record of a run that reuses the finished dataset in ``data``: what is on disk."""
+    files = dir_bytes(data)
+    with open(data / "synthetic.json") as fh:
+        counts = json.load(fh)["counts"]["kept"]
+    return {"stages": {"generate": {"status": f"not run: data reused from {data}", "disk_gb": sum(files.values()) / GB,
+                                    "files_mb": {k: v / 2**20 for k, v in files.items()}, "counts": counts}}}
+
+
+ROW_FIELDS = ("status", "seconds", "cpu_seconds", "kind", "mode", "wall_s", "cpu_s", "peak_rss_gb", "rss_start_gb",
+              "hwm_rss_gb", "estimate_gb", "limit_gb", "disk_gb")
+CSV_FIELDS = ("n", "n_items", "n_users", "n_train", "stage") + ROW_FIELDS + (
+    "image_dims_trained", "text_dims_trained", "reduce_dims", "execution", "run", "details")
 
 
 def write_results(rows: list[dict], meta: dict, out: Path) -> None:
@@ -680,16 +820,20 @@ def write_results(rows: list[dict], meta: dict, out: Path) -> None:
     plot(rows, out / "scale.png")
 
 
-def variants(rows: list[dict]) -> list[tuple[int, int]]:
-    """The (catalog size, image width trained) pairs present in ``rows``, sorted."""
-    return sorted({(r["n"], r["image_dims_trained"]) for r in rows}, key=lambda v: (v[0], -v[1]))
+def variants(rows: list[dict]) -> list[tuple[int, tuple[int, int]]]:
+    """The (catalog size, (image, text) widths trained) pairs present in ``rows``, sorted."""
+    return sorted({(r["n"], widths(r)) for r in rows}, key=lambda v: (v[0], -v[1][0], -v[1][1]))
+
+
+def width_label(w: tuple[int, int]) -> str:
+    return f"image {w[0]}, text {w[1]}"
 
 
 def plot(rows: list[dict], path: Path) -> None:
     """Log-log wall seconds, CPU seconds and peak RSS / disk GB per stage vs catalog size.
 
-    One line per stage and image width (solid: 4096-d image, dashed: reduced); hollow markers are
-    extrapolated seconds.
+    One line per stage and pair of widths (solid: 4096-d image and 384-d text, then dashed, dotted,
+    dash-dotted for the reduced pairs, widest first); hollow markers are extrapolated seconds.
     """
     import matplotlib
 
@@ -697,15 +841,17 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
-    widths = sorted({r["image_dims_trained"] for r in rows}, reverse=True)
+    pairs = sorted({widths(r) for r in rows}, reverse=True)
+    styles = dict(zip(pairs, itertools.cycle(["-", "--", ":", "-."]) if tuple(DIMS.values()) in pairs
+                      else itertools.cycle(["--", ":", "-."])))
     for i, stage in enumerate(STAGES):
-        for width in widths:
+        for width in pairs:
             pts = sorted((r for r in rows if r["stage"] == stage and r.get("status") == "ok"
-                          and r["image_dims_trained"] == width), key=lambda r: r["n"])
+                          and widths(r) == width), key=lambda r: r["n"])
             if not pts:
                 continue
-            style = "-" if width == max(DIMS.values()) else "--"
-            label = f"{stage} (image {width})"
+            style = styles[width]
+            label = f"{stage} ({width_label(width)})"
             color = f"C{i}"
             xs = [r["n"] for r in pts]
             for ax, key in ((axes[0], "seconds"), (axes[1], "cpu_seconds")):
@@ -745,31 +891,34 @@ def fmt_cell(r: dict) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    """Stages x (size, image width): seconds / peak GB; then the shapes and the growth exponents."""
+    """Stages x (size, widths): seconds / peak GB; then the shapes and the growth exponents."""
     cols = variants(rows)
-    by = {(r["n"], r["image_dims_trained"], r["stage"]): r for r in rows}
-    width = 38
-    print(f"{'stage':<16}" + "".join(f"{f'{n:,} items, image {d}':>{width}}" for n, d in cols))
+    by = {row_key(r): r for r in rows}
+    width = 40
+    print(f"{'stage':<16}" + "".join(f"{f'{n:,} items, {d[0]}/{d[1]}':>{width}}" for n, d in cols))
     print("-" * (16 + width * len(cols)))
     for stage in STAGES:
-        print(f"{stage:<16}" + "".join(f"{fmt_cell(by.get((n, d, stage), {})):>{width}}" for n, d in cols))
+        print(f"{stage:<16}" + "".join(f"{fmt_cell(by.get((n, *d, stage), {})):>{width}}" for n, d in cols))
     for n, d in cols:
-        g, load = by.get((n, d, "generate"), {}), by.get((n, d, "load"), {})
-        print(f"{n:,} (image {d}): {load.get('n_items') or '?'} items, {load.get('n_users') or '?'} users, "
+        g, load = by.get((n, *d, "generate"), {}), by.get((n, *d, "load"), {})
+        mode = by.get((n, *d, "dgmrec_epoch"), {}).get("mode") or load.get("info", {}).get("dgmrec_mode")
+        print(f"{n:,} ({width_label(d)}): {load.get('n_items') or '?'} items, {load.get('n_users') or '?'} users, "
               f"{load.get('n_train') or '?'} train interactions; {g.get('disk_gb', float('nan')):.2f} GB on disk; "
-              + (f"image PCA-reduced {load.get('reduce_dims')}" if load.get("reduce_dims") else "full width"))
+              + (f"PCA-reduced {load.get('reduce_dims')}" if load.get("reduce_dims") else "full width")
+              + f"; DGMRec in {mode or '?'} mode "
+                f"(--execution {load.get('execution') or '?'})")
     print("(wall seconds [CPU seconds, all threads] / peak RSS of the process during the stage; * = extrapolated "
           "from timed steps or a user sample, see the details)")
     pairs = [(a, b) for a, b in itertools.combinations(cols, 2) if a[1] == b[1] and a[0] < b[0]]
     if pairs:
-        print("\ngrowth exponent b (time ~ n^b) between sizes trained at the same image width, wall [CPU]:")
+        print("\ngrowth exponent b (time ~ n^b) between sizes trained at the same widths, wall [CPU]:")
         for stage in STAGES:
             parts = []
             for (na, d), (nb, _) in pairs:
-                ra, rb = by.get((na, d, stage), {}), by.get((nb, d, stage), {})
+                ra, rb = by.get((na, *d, stage), {}), by.get((nb, *d, stage), {})
                 if ra.get("status") == "ok" and rb.get("status") == "ok" and ra["seconds"] > 0:
                     logn = math.log(nb / na)
-                    text = f"{na:,}->{nb:,} (image {d}): x{rb['seconds'] / ra['seconds']:.1f}, " \
+                    text = f"{na:,}->{nb:,} ({d[0]}/{d[1]}): x{rb['seconds'] / ra['seconds']:.1f}, " \
                            f"b={math.log(rb['seconds'] / ra['seconds']) / logn:.2f}"
                     if ra.get("cpu_seconds") and rb.get("cpu_seconds"):
                         text += f" [x{rb['cpu_seconds'] / ra['cpu_seconds']:.1f}, " \
@@ -782,6 +931,15 @@ def print_table(rows: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------- driver
 
 
+def parse_stages(text: str) -> list[str]:
+    """``--stages``: comma-separated names of :data:`STAGES`."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in STAGES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown stage(s) {unknown or text!r}; choose from {', '.join(STAGES)}")
+    return names
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="50K items only (< 10 min)")
@@ -789,13 +947,22 @@ def main(argv=None) -> int:
                    help="catalog sizes (items before filtering), e.g. 50000,200000")
     p.add_argument("--work", type=Path, default=None, help="data folder (default: a temporary one, deleted)")
     p.add_argument("--keep-data", action="store_true", help="keep the generated data in --work")
+    p.add_argument("--reuse-data", action="store_true",
+                   help="skip generation where --work/scale<n> already holds the finished dataset of that size "
+                        "(kept afterwards); the generate row stays the earlier run's, if the results have one")
+    p.add_argument("--stages", type=parse_stages, default=list(STAGES),
+                   help=f"comma-separated subset of {','.join(STAGES)}; the stages they depend on run too, "
+                        "and the rows of the others are kept from earlier runs")
+    p.add_argument("--execution", default="auto", choices=EXECUTIONS,
+                   help="model.execution of both models (auto: DGMRec in blocks mode from blocks_min_items items on)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--missing-ratio", default="2/3")
     p.add_argument("--mask-seed", type=int, default=2024)
     p.add_argument("--feature-dtype", default="float16", choices=("float16", "float32"),
                    help="dtype of the matrices the loader creates (the reduced image); files are float16")
     p.add_argument("--reduce", default="auto", choices=("auto", "always", "never"))
-    p.add_argument("--reduce-dims", type=int, default=256)
+    p.add_argument("--reduce-dims", type=parse_reduce_dims, default=256,
+                   help="PCA width of the image (256), or of several modalities: image=128,text=128")
     p.add_argument("--steps", type=int, default=5, help="timed training steps after 1 warm-up step")
     p.add_argument("--full-epoch-budget", type=float, default=90.0,
                    help="run a complete epoch when the projected epoch is at most this many seconds")
@@ -827,7 +994,9 @@ def main(argv=None) -> int:
     if args.threads:
         env["NUMBA_NUM_THREADS"] = str(args.threads)
     vm = psutil.virtual_memory()
-    meta = dict(sizes=sizes, dims=DIMS, users_per_item=USERS_PER_ITEM, mean_interactions=MEAN_INTERACTIONS,
+    stages = with_dependencies(args.stages)
+    meta = dict(sizes=sizes, stages=stages, execution=args.execution, reuse_data=args.reuse_data, dims=DIMS,
+                users_per_item=USERS_PER_ITEM, mean_interactions=MEAN_INTERACTIONS,
                 missing_ratio=args.missing_ratio, feature_dtype_on_disk="float16", feature_dtype=args.feature_dtype,
                 reduce=args.reduce, reduce_dims=args.reduce_dims, steps=args.steps, warmup_steps=1,
                 full_epoch_budget_s=args.full_epoch_budget, eval_sample=args.eval_sample,
@@ -838,52 +1007,68 @@ def main(argv=None) -> int:
                 note="wall seconds on a 2-core machine shared with other jobs (see load_average_*); '*'/kind="
                      "extrapolated rows are projections from timed steps or a user sample (see the docstring)")
     rows: list[dict] = []
-    previous_runs: list[dict] = []
     if args.merge and (args.out / "scale.json").exists():
         with open(args.out / "scale.json") as fh:
             old = json.load(fh)
-        planned = {(n, plan_dims(n, args.reduce, args.reduce_dims, memory_limit_gb(args.headroom_gb))[0]["image"])
-                   for n in sizes}
-        rows = [r for r in old["rows"] if (r["n"], r["image_dims_trained"]) not in planned]
-        previous_runs = old["meta"].get("previous_runs", []) + [
+        rows = old["rows"]
+        meta["previous_runs"] = old["meta"].get("previous_runs", []) + [
             {k: v for k, v in old["meta"].items() if k != "previous_runs"}]
-        meta["previous_runs"] = previous_runs
     t_start = time.time()
     work = args.work or Path(tempfile.mkdtemp(prefix="scale-"))
     work.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".scale-jobs-", dir=work))
+    keep_data = args.keep_data or args.reuse_data
     try:
         for n in sizes:
             limit = memory_limit_gb(args.headroom_gb)
-            dims, reduce_dims = plan_dims(n, args.reduce, args.reduce_dims, limit)
+            dims, reduce_dims = plan_dims(n, args.reduce, args.reduce_dims, limit, training_mode(args.execution, n))
             plan = dict(dims=dims, reduce_dims=reduce_dims)
             data = work / f"scale{n}"
             spec = dict(n=n, data=str(data), seed=args.seed, headroom_gb=args.headroom_gb,
                         missing_ratio=float(Fraction(args.missing_ratio)), mask_seed=args.mask_seed,
                         feature_dtype=args.feature_dtype, reduce_dims=reduce_dims, dims=dims,
                         shape=nominal_shape(n), steps=args.steps, full_epoch_budget=args.full_epoch_budget,
-                        eval_sample=args.eval_sample, eval_budget=args.eval_budget, threads=args.threads)
-            print(f"[{time.time() - t_start:7.1f}s] {n:,} items: image trained at {dims['image']} dims"
-                  + (f" (PCA, reduce_dims={reduce_dims})" if reduce_dims else " (full width)"), flush=True)
+                        eval_sample=args.eval_sample, eval_budget=args.eval_budget, threads=args.threads,
+                        execution=args.execution, stages=stages)
+            print(f"[{time.time() - t_start:7.1f}s] {n:,} items: trained at {width_label(tuple(dims.values()))}"
+                  + (f" (PCA, reduce_dims={reduce_dims})" if reduce_dims else " (full width)")
+                  + f", stages {','.join(stages)}", flush=True)
             load_avg = {"start": os.getloadavg()}
-            gen, _ = run_worker("generate", spec, scratch, args.timeout, env)
+            reuse = args.reuse_data and dataset_complete(data, n, args.seed)
+            gen = {"stages": {}}
+            if reuse:
+                gen = reused_generate(data)
+                print(f"  reusing {data}", flush=True)
+            elif "generate" in stages:
+                gen, _ = run_worker("generate", spec, scratch, args.timeout, env)
             pipe = {"stages": {}, "info": {}}
-            if gen["stages"].get("generate", {}).get("status") == "ok":
+            data_ready = reuse or gen["stages"].get("generate", {}).get("status") == "ok"
+            if data_ready and "load" in stages:
                 pipe, _ = run_worker("pipeline", spec, scratch, args.timeout, env)
             load_avg["end"] = os.getloadavg()
-            size_rows = stage_rows(n, plan, gen, pipe)
+            size_rows = stage_rows(n, plan, gen, pipe, stages, meta["started"], args.execution)
             for r in size_rows:
                 r["load_average_start"], r["load_average_end"] = load_avg["start"], load_avg["end"]
                 r["info"] = pipe.get("info", {})
-            rows = sorted(rows + size_rows, key=lambda r: (r["n"], -r["image_dims_trained"], STAGES.index(r["stage"])))
+            if reuse:    # generation does not depend on the widths: any earlier row of this size will do
+                earlier = sorted((r for r in rows if r["n"] == n and r["stage"] == "generate"
+                                  and r.get("status") == "ok"), key=lambda r: widths(r) != tuple(dims.values()))
+                if earlier:
+                    size_rows[0] = dict(earlier[0], **{k: size_rows[0][k] for k in
+                                                        ("image_dims_trained", "text_dims_trained", "reduce_dims")})
+                meta.setdefault("reused_data", {})[str(n)] = (
+                    f"generate row from the run started {earlier[0].get('run') or 'earlier (time not recorded)'}"
+                    if earlier else "generate row missing: the data were reused and no kept run measured their "
+                                    "generation")
+            rows = merge_rows(rows, size_rows)
             meta["wall_seconds"] = time.time() - t_start
             meta["load_average_at_end"] = os.getloadavg()
             write_results(rows, meta, args.out)
-            if not args.keep_data:
+            if not keep_data:
                 shutil.rmtree(data, ignore_errors=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        if args.work is None and not args.keep_data:
+        if args.work is None and not keep_data:
             shutil.rmtree(work, ignore_errors=True)
     print()
     print_table(rows)

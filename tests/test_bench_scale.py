@@ -1,4 +1,5 @@
-"""Smoke tests of the helpers of bench/scale.py (memory plan, result rows, report); no data generated."""
+"""Tests of bench/scale.py: the memory plan, stage selection, result rows and merging, reusing data, and
+one tiny run of the script (300 items, a few training steps; no timing is checked)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,16 @@ def scale():
 def test_estimates_grow_with_size_and_width(scale):
     small, large = scale.nominal_shape(50_000), scale.nominal_shape(200_000)
     assert large["n_users"] == 2 * large["n_items"]
-    for stage in scale.STAGES:
-        assert 0 < scale.estimate_gb(stage, small, scale.DIMS) < scale.estimate_gb(stage, large, scale.DIMS)
+    for mode in ("full", "blocks"):
+        for stage in scale.STAGES:
+            assert 0 < scale.estimate_gb(stage, small, scale.DIMS, mode) < scale.estimate_gb(stage, large, scale.DIMS,
+                                                                                            mode)
     narrow = {"image": 256, "text": 384}
     assert scale.estimate_gb("dgmrec_epoch", large, narrow) < scale.estimate_gb("dgmrec_epoch", large, scale.DIMS)
+    # blocks mode computes no decoder output for every item: less memory per item x dimension
+    assert (scale.estimate_gb("dgmrec_epoch", large, scale.DIMS, "blocks")
+            < scale.estimate_gb("dgmrec_epoch", large, scale.DIMS, "full"))
+    assert scale.estimate_gb("knn", large, narrow, "blocks") == scale.estimate_gb("knn", large, narrow, "full")
 
 
 def test_plan_reduces_the_image_only_when_needed(scale):
@@ -33,8 +40,33 @@ def test_plan_reduces_the_image_only_when_needed(scale):
     assert dims == scale.DIMS and reduce is None
     dims, reduce = scale.plan_dims(200_000, "auto", 256, limit_gb=20.0)
     assert dims == {"image": 256, "text": 384} and reduce == {"image": 256}
+    assert scale.plan_dims(1_000_000, "auto", 256, limit_gb=20.0, mode="blocks")[1] == {"image": 256}
     assert scale.plan_dims(50_000, "always", 128, limit_gb=20.0)[1] == {"image": 128}
     assert scale.plan_dims(1_000_000, "never", 256, limit_gb=20.0) == (scale.DIMS, None)
+    both = scale.parse_reduce_dims("image=128,text=128")
+    assert both == {"image": 128, "text": 128} and scale.parse_reduce_dims("256") == 256
+    assert scale.plan_dims(50_000, "always", both, limit_gb=20.0) == (both, both)
+    assert scale.plan_dims(50_000, "always", {"text": 512}, limit_gb=20.0) == (scale.DIMS, None)  # not wider
+    with pytest.raises(Exception, match="unknown modality"):
+        scale.parse_reduce_dims("audio=64")
+
+
+def test_training_mode_follows_the_config(scale):
+    assert scale.training_mode("full", 10**6) == "full"
+    assert scale.training_mode("blocks", 100) == "blocks"
+    assert scale.training_mode("auto", 100) == "full"
+    assert scale.training_mode("auto", 10**6) == "blocks"
+
+
+def test_stages_with_dependencies(scale):
+    assert scale.with_dependencies(["evaluate"]) == ["generate", "load", "knn", "dgmrec_epoch", "evaluate"]
+    assert scale.with_dependencies(["lightgcn_epoch", "generate"]) == ["generate", "load", "lightgcn_epoch"]
+    assert scale.with_dependencies(scale.STAGES) == list(scale.STAGES)
+    assert scale.parse_stages("refine, knn") == ["refine", "knn"]
+    with pytest.raises(Exception, match="unknown stage"):
+        scale.parse_stages("knn,train")
+    with pytest.raises(SystemExit):
+        scale.main(["--stages", "bogus"])
 
 
 def test_rows_table_and_files(scale, tmp_path, capsys):
@@ -44,15 +76,104 @@ def test_rows_table_and_files(scale, tmp_path, capsys):
     pipe = {"info": {"shape": {"n_items": 990, "n_users": 1990, "n_train": 16_000}},
             "stages": {"load": {"status": "ok", "kind": "measured", "seconds": 1.0, "peak_rss_gb": 0.5, "read_s": 0.9},
                        "knn": {"status": "skipped: needs 30.0 GB", "estimate_gb": 30.0}}}
-    rows = scale.stage_rows(1000, plan, gen, pipe)
+    rows = scale.stage_rows(1000, plan, gen, pipe, scale.STAGES, "2026-01-01 00:00:00", "auto")
     assert [r["stage"] for r in rows] == list(scale.STAGES)
     by = {r["stage"]: r for r in rows}
     assert by["knn"]["status"] == "skipped: needs 30.0 GB"
     assert by["dgmrec_epoch"]["status"] == "skipped: needs knn"        # never reached: says why
     assert json.loads(by["load"]["details"]) == {"read_s": 0.9}
     assert by["load"]["n_items"] == 990 and by["load"]["reduce_dims"] == '{"image": 256}'
+    assert by["load"]["execution"] == "auto" and by["load"]["run"] == "2026-01-01 00:00:00"
     scale.write_results(rows, {"sizes": [1000]}, tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"scale.json", "scale.csv", "scale.png"}
+    assert "execution" in (tmp_path / "scale.csv").read_text().splitlines()[0]
     scale.print_table(rows)
     out = capsys.readouterr().out
     assert "skipped: needs 30.0 GB" in out and "1,000 items" in out and "2.0 [2] s / 0.20 GB" in out
+
+
+def test_stages_left_out_keep_their_earlier_rows(scale):
+    plan = {"dims": {"image": 256, "text": 384}, "reduce_dims": {"image": 256}}
+    ok = {"status": "ok", "kind": "measured", "seconds": 1.0, "peak_rss_gb": 0.5}
+    old = scale.stage_rows(1000, plan, {"stages": {"generate": ok}},
+                           {"stages": {s: ok for s in scale.STAGES[1:]}}, scale.STAGES, "old", "full")
+    ran = scale.with_dependencies(["knn"])
+    new = scale.stage_rows(1000, plan, {"stages": {"generate": {"status": "not run: data reused from x"}}},
+                           {"stages": {"load": dict(ok, seconds=2.0), "knn": {"status": "failed: timeout"}}},
+                           ran, "new", "blocks")
+    assert {r["stage"]: r["status"] for r in new}["lightgcn_epoch"] == "not run"
+    merged = scale.merge_rows(old, new)
+    by = {r["stage"]: r for r in merged}
+    assert len(merged) == len(scale.STAGES)
+    assert by["generate"]["run"] == "old"                 # data reused: generation stays the earlier row
+    assert by["load"]["run"] == "new" and by["load"]["seconds"] == 2.0
+    assert by["knn"]["status"] == "failed: timeout"       # a stage that ran replaces the old row, even failed
+    assert by["evaluate"]["run"] == "old"
+    other = scale.stage_rows(2000, plan, {}, {}, ran, "new", "blocks")
+    assert [r["n"] for r in scale.merge_rows(merged, other)][-1] == 2000
+    narrow = scale.stage_rows(1000, {"dims": {"image": 256, "text": 128}, "reduce_dims": {"image": 256, "text": 128}},
+                              {}, {}, ran, "new", "blocks")
+    both = scale.merge_rows(merged, narrow)                # another text width: another variant
+    assert len(both) == 2 * len(scale.STAGES) and scale.variants(both) == [(1000, (256, 384)), (1000, (256, 128))]
+    # nothing to keep: the "not run" row itself is recorded
+    assert scale.merge_rows([], new)[0]["status"] == "not run: data reused from x"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory, scale):
+    """A 300-item catalog generated by the script (``--stages generate``) into a kept work folder."""
+    root = tmp_path_factory.mktemp("scale")
+    work, out = root / "work", root / "out"
+    assert scale.main(["--sizes", "300", "--stages", "generate", "--work", str(work), "--keep-data",
+                       "--out", str(out)]) == 0
+    return work, out
+
+
+def test_dataset_complete(scale, tiny_data, tmp_path):
+    work, out = tiny_data
+    data = work / "scale300"
+    assert scale.dataset_complete(data, 300, seed=0)
+    assert not scale.dataset_complete(data, 300, seed=1)          # another configuration
+    assert not scale.dataset_complete(data, 400, seed=0)
+    assert not scale.dataset_complete(tmp_path / "missing", 300, seed=0)
+    partial = tmp_path / "scale300"
+    partial.mkdir()
+    for f in data.iterdir():
+        if f.name != "text_feat.npy":
+            (partial / f.name).write_bytes(f.read_bytes())
+    assert not scale.dataset_complete(partial, 300, seed=0)       # a file it names is missing
+    gen = scale.reused_generate(data)["stages"]["generate"]
+    assert gen["status"].startswith("not run: data reused") and gen["disk_gb"] > 0
+    assert gen["counts"]["n_items"] <= 300
+
+
+def test_reused_data_and_a_blocks_run(scale, tiny_data):
+    work, out = tiny_data
+    with open(out / "scale.json") as fh:
+        first = json.load(fh)
+    generated = {r["stage"]: r for r in first["rows"]}["generate"]
+    assert generated["status"] == "ok" and {r["status"] for r in first["rows"][1:]} == {"not run"}
+    assert scale.main(["--sizes", "300", "--work", str(work), "--reuse-data", "--out", str(out),
+                       "--stages", "dgmrec_epoch", "--execution", "blocks", "--steps", "1",
+                       "--full-epoch-budget", "0", "--threads", "1"]) == 0
+    with open(out / "scale.json") as fh:
+        doc = json.load(fh)
+    by = {r["stage"]: r for r in doc["rows"]}
+    assert by["generate"] == generated                             # kept from the earlier run
+    assert doc["meta"]["reused_data"]["300"] == f"generate row from the run started {generated['run']}"
+    assert doc["meta"]["execution"] == "blocks" and doc["meta"]["previous_runs"]
+    epoch = by["dgmrec_epoch"]
+    assert epoch["status"] == "ok" and epoch["mode"] == "blocks" and epoch["kind"] == "extrapolated"
+    assert epoch["execution"] == "blocks" and epoch["peak_rss_gb"] > 0
+    assert json.loads(epoch["details"])["steps_per_epoch"] >= 1
+    assert by["lightgcn_epoch"]["status"] == "not run" and by["refine"]["status"] == "not run"
+    assert (work / "scale300").is_dir()                            # reused data are kept
+    # another width: generation does not depend on it, so the earlier generate row is copied to the new variant
+    assert scale.main(["--sizes", "300", "--work", str(work), "--reuse-data", "--out", str(out),
+                       "--stages", "generate", "--reduce", "always", "--reduce-dims", "image=128,text=128"]) == 0
+    with open(out / "scale.json") as fh:
+        doc = json.load(fh)
+    narrow = [r for r in doc["rows"] if scale.widths(r) == (128, 128)]
+    assert [r["status"] for r in narrow] == ["ok"] + ["not run"] * (len(scale.STAGES) - 1)
+    assert narrow[0]["run"] == generated["run"] and narrow[0]["seconds"] == generated["seconds"]
+    assert narrow[0]["reduce_dims"] == '{"image": 128, "text": 128}'
