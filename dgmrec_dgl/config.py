@@ -63,6 +63,10 @@ class TrainConfig:
     # to bfloat16 for matrix products; weights, optimiser state and raw feature tables stay float32;
     # evaluation, generation and refinement stay float32). See dgmrec_dgl.train.
     precision: str = "fp32"
+    # glibc only: serve every allocation from the heap and keep freed memory for reuse, instead of
+    # mapping large tensors afresh (and zero-filling new pages) on every step. Faster steps, higher RSS
+    # (DGMRec, baby-shaped data: 43.4-44.4 -> 37.2-38.4 s/epoch, peak 2.24 -> 2.78 GB). See dgmrec_dgl.train.
+    keep_freed_memory: bool = False
 
     def __setattr__(self, name, value):
         if name == "precision" and value not in PRECISIONS:
