@@ -107,6 +107,14 @@ def _check_execution(name: str, value) -> None:
                         "give model.blocks_min_items a catalog size, e.g. 20000")
 
 
+class _ChecksExecution:
+    """Base of the model configs with ``execution``: the field and ``blocks_min_items`` are checked on assignment."""
+
+    def __setattr__(self, name, value):
+        _check_execution(name, value)
+        super().__setattr__(name, value)
+
+
 def resolve_execution(config, n_items: int) -> str:
     """``full`` or ``blocks``: the mode ``config.execution`` selects for a catalog of ``n_items`` items."""
     if config.execution == "auto":
@@ -115,7 +123,7 @@ def resolve_execution(config, n_items: int) -> str:
 
 
 @dataclass
-class DGMRecConfig:
+class DGMRecConfig(_ChecksExecution):
     """DGMRec hyper-parameters; defaults are the reference's `default` column."""
 
     name: str = "dgmrec"
@@ -152,10 +160,6 @@ class DGMRecConfig:
     execution: str = "auto"
     blocks_min_items: int = BLOCKS_MIN_ITEMS
 
-    def __setattr__(self, name, value):
-        _check_execution(name, value)
-        super().__setattr__(name, value)
-
 
 @dataclass
 class MFBPRConfig:
@@ -167,7 +171,7 @@ class MFBPRConfig:
 
 
 @dataclass
-class LightGCNConfig:
+class LightGCNConfig(_ChecksExecution):
     """LightGCN (He et al. 2020) as in MMRec: 3 layers, layer-mean readout."""
 
     name: str = "lightgcn"
@@ -178,10 +182,6 @@ class LightGCNConfig:
     # from a 2,048-triple batch already spans the whole graph, see dgmrec_dgl.models.lightgcn_rec).
     execution: str = "auto"
     blocks_min_items: int = BLOCKS_MIN_ITEMS
-
-    def __setattr__(self, name, value):
-        _check_execution(name, value)
-        super().__setattr__(name, value)
 
 
 @dataclass
