@@ -26,6 +26,13 @@ def small():
     return ds, knn
 
 
+def edges_by_id(g, etype):
+    """``(src, dst)`` of a relation in edge-id order (``g.edges`` cannot list CSC-only relations by id)."""
+    src, dst, eid = g.edges(etype=etype, form="all", order="srcdst")
+    order = torch.argsort(eid)
+    return src[order], dst[order]
+
+
 def dense_bipartite_norm(ds):
     """LightGCN's D^-1/2 A D^-1/2 on the (U + I) adjacency, degrees + 1e-7, as in the reference."""
     n = ds.n_users + ds.n_items
@@ -40,13 +47,15 @@ def test_lightgcn_weights_equal_dense(small):
     ds, knn = small
     g = build_heterograph(ds, knn)
     dense = dense_bipartite_norm(ds)
-    u, i = g.edges(etype=UI)
+    u, i = edges_by_id(g, UI)
     assert g.num_edges(UI) == len({(a, b) for a, b in ds.train.tolist()})
     np.testing.assert_allclose(g.edges[UI].data["w"].numpy(), dense[u.numpy(), ds.n_users + i.numpy()],
                                rtol=1e-6)
-    iu_i, iu_u = g.edges(etype=IU)
+    iu_i, iu_u = edges_by_id(g, IU)
     np.testing.assert_allclose(g.edges[IU].data["w"].numpy(), dense[ds.n_users + iu_i.numpy(), iu_u.numpy()],
                                rtol=1e-6)
+    # the user–item relations keep CSC only (graphs.hetero)
+    assert all(g._graph.get_relation_graph(g.get_etype_id(e)).formats()["created"] == ["csc"] for e in (UI, IU))
     # one LightGCN layer on the bipartite graph equals the dense product
     e = torch.randn(ds.n_users + ds.n_items, 6, dtype=torch.float64)
     want = torch.from_numpy(dense) @ e
@@ -72,9 +81,10 @@ def test_update_all_with_autograd_equals_dense(small, relation):
     g = build_heterograph(ds, knn)
     etype = {"knn": knn_etype("v"), "ui": UI, "iu": IU}[relation]
     src_t, _, dst_t = etype
-    src, dst = g.edges(etype=etype)
-    # a field other than "w" takes the u_mul_e path on every relation, with a gradient for the weights
-    w = g.edges[etype].data["w"].clone().requires_grad_(True)
+    src, dst = edges_by_id(g, etype)
+    # a field other than "w" takes the u_mul_e path on every relation, with a gradient for the kNN weights
+    # (the user–item relations are CSC-only and their weights constants: DGL's SDDMM needs CSR or COO)
+    w = g.edges[etype].data["w"].clone().requires_grad_(relation == "knn")
     g.edges[etype].data["w_edge"] = w
     h = torch.randn(g.num_nodes(src_t), 7, requires_grad=True)
     out = propagate(g, etype, h, weight="w_edge")
@@ -82,13 +92,14 @@ def test_update_all_with_autograd_equals_dense(small, relation):
     (out * upstream).sum().backward()
 
     h2 = h.detach().clone().requires_grad_(True)
-    w2 = w.detach().clone().requires_grad_(True)
+    w2 = w.detach().clone().requires_grad_(relation == "knn")
     a = torch.zeros(g.num_nodes(dst_t), g.num_nodes(src_t)).index_put((dst, src), w2, accumulate=True)
     want = a @ h2
     (want * upstream).sum().backward()
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h.grad, h2.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-6)
+    if relation == "knn":
+        torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("etype", [UI, IU])
@@ -96,7 +107,7 @@ def test_user_item_node_factors_equal_edge_weights(small, etype):
     """The user–item step (copy_u on features scaled by ``norm``) equals the u_mul_e step on ``w``."""
     ds, knn = small
     g = build_heterograph(ds, knn)
-    src, dst = g.edges(etype=etype)
+    src, dst = edges_by_id(g, etype)
     src_t, _, dst_t = etype
     torch.testing.assert_close(g.srcnodes[src_t].data["norm"][src, 0] * g.dstnodes[dst_t].data["norm"][dst, 0],
                                g.edges[etype].data["w"], rtol=1e-6, atol=0)
@@ -148,7 +159,7 @@ def test_replace_knn_relation_keeps_user_item_part(small):
     g = build_heterograph(ds, knn)
     g.nodes["item"].data["x"] = torch.ones(ds.n_items, 2)
     ui_w, iu_w = g.edges[UI].data["w"], g.edges[IU].data["w"]
-    ui_edges, iu_edges = g.edges(etype=UI), g.edges(etype=IU)
+    ui_edges, iu_edges = edges_by_id(g, UI), edges_by_id(g, IU)
     t_w = g.edges[knn_etype("t")].data["w"]
     old_v = g.edges(etype=knn_etype("v"))
 
@@ -159,7 +170,7 @@ def test_replace_knn_relation_keeps_user_item_part(small):
     # user–item relations and the other modality: same tensors, same edges
     assert g2.edges[UI].data["w"] is ui_w and g2.edges[IU].data["w"] is iu_w
     assert g2.edges[knn_etype("t")].data["w"] is t_w
-    for before, after in ((ui_edges, g2.edges(etype=UI)), (iu_edges, g2.edges(etype=IU))):
+    for before, after in ((ui_edges, edges_by_id(g2, UI)), (iu_edges, edges_by_id(g2, IU))):
         assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
     assert g2.nodes["item"].data["x"] is g.nodes["item"].data["x"]
     # the replaced relation
@@ -190,3 +201,37 @@ def test_bad_input(small):
         replace_knn_relation(g, "a", knn["v"])
     with pytest.raises(ValueError, match="rows"):
         propagate(g, UI, torch.zeros(3, 2))
+
+
+def test_lightgcn_layer_mean_and_its_hand_written_backward_equal_dense_autograd(small):
+    """``lightgcn`` saves nothing for backward and uses Â's symmetry: check values and gradients in float64."""
+    from dgmrec_dgl.models.lightgcn import lightgcn
+
+    ds, knn = small
+    g = build_heterograph(ds, knn)
+    dense = torch.from_numpy(dense_bipartite_norm(ds))
+    torch.manual_seed(0)
+    e0 = torch.randn(ds.n_users + ds.n_items, 5, dtype=torch.float64)
+    weights = torch.randn(ds.n_users + ds.n_items, 5, dtype=torch.float64)   # a non-symmetric loss
+
+    def layer_mean(e):
+        layers = [e]
+        for _ in range(3):
+            layers.append(dense @ layers[-1])
+        return torch.stack(layers).mean(0)
+
+    want = layer_mean(e0.requires_grad_())
+    (want * weights).sum().backward()
+
+    user = e0.detach()[:ds.n_users].float().requires_grad_()
+    item = e0.detach()[ds.n_users:].float().requires_grad_()
+    got_u, got_i = lightgcn(g, user, item, 3)
+    torch.testing.assert_close(torch.cat([got_u, got_i]).double(), want.detach(), rtol=1e-5, atol=1e-6)
+    ((got_u * weights[:ds.n_users].float()).sum() + (got_i * weights[ds.n_users:].float()).sum()).backward()
+    torch.testing.assert_close(torch.cat([user.grad, item.grad]).double(), e0.grad, rtol=1e-5, atol=1e-6)
+    # an output that does not reach the loss contributes nothing
+    user.grad = item.grad = None
+    lightgcn(g, user, item, 3)[1].sum().backward()
+    e0.grad = None
+    layer_mean(e0)[ds.n_users:].sum().backward()
+    torch.testing.assert_close(torch.cat([user.grad, item.grad]).double(), e0.grad, rtol=1e-5, atol=1e-6)
