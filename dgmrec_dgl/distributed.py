@@ -141,9 +141,10 @@ def _buckets(params: list[torch.Tensor], bucket_bytes: int) -> list[list[int]]:
 
 def pack_gradients(params: list[torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> list[torch.Tensor]:
     """``[flags, bucket_1, ...]``: 1.0 per parameter that has a gradient, then the gradients flattened
-    (zeros where ``grad is None``) into buckets of at most ``bucket_bytes``."""
+    (zeros where ``grad is None``, sparse ones densified) into buckets of at most ``bucket_bytes``."""
     flags = torch.tensor([float(p.grad is not None) for p in params])
-    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    grads = [(torch.zeros_like(p) if p.grad is None else p.grad.to_dense() if p.grad.is_sparse else p.grad)
+             .reshape(-1) for p in params]
     return [flags] + [torch.cat([grads[i] for i in group]) for group in _buckets(params, bucket_bytes)]
 
 

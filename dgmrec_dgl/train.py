@@ -46,6 +46,7 @@ from .inject import apply_injection
 from .io_utils import atomic_path, atomic_write_json
 from .models import build_model
 from .models.base import Recommender
+from .optim import RowSparseAdam
 
 
 def load_dataset(config: Config) -> Dataset:
@@ -125,8 +126,9 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
     dataset = load_dataset(config)
     model = build_model(config, dataset)
     g = model.make_graph(dataset)
+    dataset = dataset.without_features()   # the model has its own copies; training reads the interactions
     step_precision = _step_precision(model, tcfg.precision)
-    optimizer = torch.optim.Adam(model.main_parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=True)
+    optimizer = RowSparseAdam(model.main_parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
     auxiliary = model.auxiliary_optimizer()
     generator = torch.Generator().manual_seed(tcfg.seed)

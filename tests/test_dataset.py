@@ -54,6 +54,17 @@ def test_mean_imputation_and_present_masks(tiny_dir):
     assert raw.present["image"].all()
 
 
+def test_without_features_keeps_everything_but_the_matrices(tiny_dir):
+    mask = MissingMask(8, ("image", "text"), {"t": np.array([1]), "v": np.array([2, 5]), "all": np.array([7])})
+    ds = Dataset.load(tiny_dir).with_mask(mask)
+    bare = ds.without_features()
+    assert bare.features == {} and set(ds.features) == {"image", "text"}     # the original keeps its own
+    assert bare.modalities == ds.modalities and bare.present is ds.present and bare.mask is ds.mask
+    for split in ("train", "valid", "test"):
+        assert getattr(bare, split) is getattr(ds, split)
+    assert (bare.train_matrix() != ds.train_matrix()).nnz == 0
+
+
 def test_zero_and_nn_imputation(tiny_dir):
     mask = MissingMask(8, ("image", "text"), {"t": np.array([3]), "v": np.array([]), "all": np.array([])})
     raw = Dataset.load(tiny_dir)

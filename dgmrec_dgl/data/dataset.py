@@ -191,6 +191,15 @@ class Dataset:
             dataset = dataset.with_mask(mask, allow_pickle=allow_pickle, imputation=imputation)
         return dataset
 
+    def without_features(self) -> Dataset:
+        """A copy without the feature matrices (``features`` empty; ``modalities`` and ``present`` kept).
+
+        For holding on to the interactions once a model has made its own copy of the features, so that the
+        matrices and memory maps can be released: at 1M items with 256 + 384 float16 dims that is 1.3 GB
+        of resident memory (the imputed rows plus the file pages the copy read).
+        """
+        return replace(self, features={})
+
     def with_mask(self, mask: str | os.PathLike | MissingMask, *, allow_pickle: bool = False,
                   imputation: str = "mean") -> Dataset:
         """A copy in which the items of ``mask`` lack their modalities, their feature rows imputed.
