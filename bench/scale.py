@@ -174,14 +174,14 @@ MEM = {
     "per_interaction_dataset": 40.0,
     "knn_per_item_dim": 9.0,
     "knn_per_item": 400.0,
-    "lightgcn_per_node": 2_400.0,
-    "lightgcn_per_interaction": 110.0,
+    "lightgcn_per_node": 2_070.0,
+    "lightgcn_per_interaction": 50.0,
     "dgmrec_per_node": 6_000.0,
     "dgmrec_per_interaction": 150.0,
     "dgmrec_per_item_dim": 23.0,
-    "dgmrec_blocks_per_node": 2_400.0,
-    "dgmrec_blocks_per_interaction": 110.0,
-    "dgmrec_blocks_per_item_dim": 23.0,
+    "dgmrec_blocks_per_node": 2_070.0,
+    "dgmrec_blocks_per_interaction": 50.0,
+    "dgmrec_blocks_per_item_dim": 19.0,
 }
 SAFETY = 1.15
 
@@ -371,8 +371,9 @@ class Recorder:
     stage that was running if the worker died.
     """
 
-    def __init__(self, path: str, monitor: RssMonitor, headroom_gb: float):
+    def __init__(self, path: str, monitor: RssMonitor, headroom_gb: float, ignore_estimates: bool = False):
         self.path, self.monitor, self.headroom_gb = path, monitor, headroom_gb
+        self.ignore_estimates = ignore_estimates
         self.doc = {"stages": {}, "current": None, "info": {}}
         self.flush()
 
@@ -394,7 +395,7 @@ class Recorder:
             self.skip(stage, f"skipped: needs {dep}")
             return False
         limit = memory_limit_gb(self.headroom_gb, self.monitor.rss())
-        if estimate > limit:
+        if estimate > limit and not self.ignore_estimates:
             self.skip(stage, f"skipped: needs {estimate:.1f} GB", estimate_gb=estimate, limit_gb=limit)
             return False
         return True
@@ -445,7 +446,7 @@ def worker_generate(spec: dict) -> None:
 
     monitor = RssMonitor()
     monitor.start()
-    rec = Recorder(spec["result"], monitor, spec["headroom_gb"])
+    rec = Recorder(spec["result"], monitor, spec["headroom_gb"], spec["ignore_estimates"])
     cfg = synth_config(spec["n"], spec["seed"])
     estimate = estimate_gb("generate", nominal_shape(spec["n"]), DIMS)
     if not rec.check("generate", estimate):
@@ -481,12 +482,13 @@ def _train_epoch(model, dataset, config, spec: dict, rec: dict, before_epoch: bo
     """
     import torch
 
+    from dgmrec_dgl.optim import RowSparseAdam
     from kernels.sampling import bpr_triples
 
     tcfg = config.train
     t0 = time.perf_counter()
     g = model.make_graph(dataset)
-    optimizer = torch.optim.Adam(model.main_parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=True)
+    optimizer = RowSparseAdam(model.main_parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     train_csr = dataset.train_matrix()
     generator = torch.Generator().manual_seed(tcfg.seed)
     rec["graph_setup_s"] = time.perf_counter() - t0
@@ -613,7 +615,7 @@ def worker_pipeline(spec: dict) -> None:
 
     monitor = RssMonitor()
     monitor.start()
-    rec = Recorder(spec["result"], monitor, spec["headroom_gb"])
+    rec = Recorder(spec["result"], monitor, spec["headroom_gb"], spec["ignore_estimates"])
     rec.doc["info"].update(torch_threads=torch.get_num_threads(), numba_threads=numba.get_num_threads())
     dims = spec["dims"]
     shape = dict(spec["shape"])
@@ -671,6 +673,7 @@ def worker_pipeline(spec: dict) -> None:
             t = time.perf_counter()
             model = build_model(lg_config, dataset)
             r["model_init_s"] = time.perf_counter() - t
+            dataset = dataset.without_features()   # as dgmrec_dgl.train does: the model holds its copies
             r["mode"] = _mode(model)
             _train_epoch(model, dataset, lg_config, spec, r, before_epoch=False)
         del model
@@ -694,6 +697,7 @@ def worker_pipeline(spec: dict) -> None:
             finally:
                 dgmrec_module.build_knn = original
             r["model_init_s"] = time.perf_counter() - t
+            dataset = dataset.without_features()   # as dgmrec_dgl.train does: the model holds its copies
             r["mode"] = _mode(model)
             r["dims_trained"] = {m: int(p.shape[1]) for m, p in model.raw.items()}
             g = _train_epoch(model, dataset, dg_config, spec, r, before_epoch=True)
@@ -970,6 +974,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-budget", type=float, default=300.0,
                    help="run the full evaluation pass when projected to at most this many seconds")
     p.add_argument("--headroom-gb", type=float, default=4.0)
+    p.add_argument("--ignore-estimates", action="store_true",
+                   help="run stages whose estimate exceeds the limit (the RSS watchdog still stops them there)")
     p.add_argument("--threads", type=int, default=0, help="torch + Numba threads (0: defaults)")
     p.add_argument("--omp-wait-policy", default="passive", choices=("inherit", "passive", "active"))
     p.add_argument("--timeout", type=float, default=7200.0, help="seconds per worker process")
@@ -1029,7 +1035,7 @@ def main(argv=None) -> int:
                         feature_dtype=args.feature_dtype, reduce_dims=reduce_dims, dims=dims,
                         shape=nominal_shape(n), steps=args.steps, full_epoch_budget=args.full_epoch_budget,
                         eval_sample=args.eval_sample, eval_budget=args.eval_budget, threads=args.threads,
-                        execution=args.execution, stages=stages)
+                        execution=args.execution, stages=stages, ignore_estimates=args.ignore_estimates)
             print(f"[{time.time() - t_start:7.1f}s] {n:,} items: trained at {width_label(tuple(dims.values()))}"
                   + (f" (PCA, reduce_dims={reduce_dims})" if reduce_dims else " (full width)")
                   + f", stages {','.join(stages)}", flush=True)
