@@ -155,15 +155,16 @@ EXIT_MEMORY = 75          # the RSS thread's exit status when the process passes
 #: the train interactions (``_read`` / ``_dataset``: all interactions, while reading the .inter file / kept
 #: in the dataset).
 #: LightGCN, re-measured with the copy_u propagation: peak 1.4-1.8 GB at 50K, 2.7-3.3 GB at 200K and 13.6 GB
-#: at 1M; its step adds ~3.9 KB per user or item at 200K-1M (the ID tables with gradient and Adam moments,
-#: 1 KB, and three layers' activations with their gradients), fitted as 2,400 per node + 110 per train
-#: interaction.
+#: at 1M; its step added ~3.9 KB per user or item at 200K-1M, fitted as 2,400 per node + 110 per train
+#: interaction. The self-adjoint layer mean (no saved activations, CSC-only user-item relations) took the
+#: 200K peak from 3.28 to 2.71 GB and the bare step's from 2.10 to 1.77 GB: refitted as 1,800 + 50.
 #: Blocks mode (``dgmrec_blocks_*``): the step's ID branch is LightGCN's full-graph pass, so the per-node and
-#: per-interaction terms are LightGCN's; on top come the raw-feature tables at 23 bytes per item x feature
-#: dimension: 16 for the float32 table, its dense gradient and two Adam moments, the rest the batch's copy
-#: of its kNN input rows and their gradient (nearly every item at 50K; a smaller share at 1M). The 23 comes
-#: from the width difference at 50K (image 4096 vs 256, text 384: 7.14 vs 2.64 GB), checked at 50K and 200K
-#: (256/384 and 64/64) and at 1M (64/64: 16.1 GB measured, 17.8 GB estimated).
+#: per-interaction terms are LightGCN's; on top come the raw-feature tables per item x feature dimension:
+#: 16 bytes for the float32 table and its two Adam moments (the gradient is row-sparse, dgmrec_dgl.optim),
+#: plus the batch's copy of its kNN input rows and their gradient (nearly every item at 50K, a smaller share
+#: at 1M). Before the sparse gradient this was 23 bytes, from the width difference at 50K (image 4096 vs 256,
+#: text 384: 7.14 vs 2.64 GB); now 16, from 1M at 256/384 (18.5 GB measured, 21.6 GB estimated). The
+#: dataset's feature matrices are released once the model holds its copies.
 #: With ``SAFETY`` the training estimates are within -29% .. +22% of the measured peaks (under only at 50K,
 #: by at most 0.6 GB, where fixed costs dominate; +11% at 1M); refinement and evaluation reuse DGMRec's
 #: estimate (up to 1.1 GB under at 50K, 1.2-2.2x over at 1M); load and kNN are over-estimated by up to 3x
@@ -174,14 +175,14 @@ MEM = {
     "per_interaction_dataset": 40.0,
     "knn_per_item_dim": 9.0,
     "knn_per_item": 400.0,
-    "lightgcn_per_node": 2_070.0,
+    "lightgcn_per_node": 1_800.0,
     "lightgcn_per_interaction": 50.0,
     "dgmrec_per_node": 6_000.0,
     "dgmrec_per_interaction": 150.0,
     "dgmrec_per_item_dim": 23.0,
-    "dgmrec_blocks_per_node": 2_070.0,
+    "dgmrec_blocks_per_node": 1_800.0,
     "dgmrec_blocks_per_interaction": 50.0,
-    "dgmrec_blocks_per_item_dim": 19.0,
+    "dgmrec_blocks_per_item_dim": 16.0,
 }
 SAFETY = 1.15
 
@@ -226,9 +227,10 @@ def estimate_gb(stage: str, shape: dict, dims: dict[str, int], mode: str = "full
     elif stage == "lightgcn_epoch":
         need = kept + graphs + MEM["lightgcn_per_node"] * (n + u) + MEM["lightgcn_per_interaction"] * train
     elif stage in ("dgmrec_epoch", "refine", "evaluate"):
-        # refinement and evaluation run after the training steps and need less than they did
+        # refinement and evaluation run after the training steps and need less than they did; the dataset's
+        # feature matrices are released once the model holds its float32 copies (counted per item x dim)
         key = "dgmrec_blocks" if mode == "blocks" else "dgmrec"
-        need = (kept + graphs + MEM[f"{key}_per_node"] * (n + u) + MEM[f"{key}_per_interaction"] * train
+        need = (kept - n * total_dim * itemsize + graphs + MEM[f"{key}_per_node"] * (n + u) + MEM[f"{key}_per_interaction"] * train
                 + MEM[f"{key}_per_item_dim"] * n * total_dim)
     else:
         raise ValueError(stage)
@@ -673,7 +675,6 @@ def worker_pipeline(spec: dict) -> None:
             t = time.perf_counter()
             model = build_model(lg_config, dataset)
             r["model_init_s"] = time.perf_counter() - t
-            dataset = dataset.without_features()   # as dgmrec_dgl.train does: the model holds its copies
             r["mode"] = _mode(model)
             _train_epoch(model, dataset, lg_config, spec, r, before_epoch=False)
         del model
