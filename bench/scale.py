@@ -163,8 +163,9 @@ EXIT_MEMORY = 75          # the RSS thread's exit status when the process passes
 #: 16 bytes for the float32 table and its two Adam moments (the gradient is row-sparse, dgmrec_dgl.optim),
 #: plus the batch's copy of its kNN input rows and their gradient (nearly every item at 50K, a smaller share
 #: at 1M). Before the sparse gradient this was 23 bytes, from the width difference at 50K (image 4096 vs 256,
-#: text 384: 7.14 vs 2.64 GB); now 16, from 1M at 256/384 (18.5 GB measured, 21.6 GB estimated). The
-#: dataset's feature matrices are released once the model holds its copies.
+#: text 384: 7.14 vs 2.64 GB); now 16, from 1M at 256/384 (18.4 GB measured, 21.4 GB estimated; 50K at
+#: 4096/384: 6.6 measured, 4.9 estimated). The dataset's feature matrices are released once the model holds
+#: its copies.
 #: With ``SAFETY`` the training estimates are within -29% .. +22% of the measured peaks (under only at 50K,
 #: by at most 0.6 GB, where fixed costs dominate; +11% at 1M); refinement and evaluation reuse DGMRec's
 #: estimate (up to 1.1 GB under at 50K, 1.2-2.2x over at 1M); load and kNN are over-estimated by up to 3x
