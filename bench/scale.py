@@ -231,7 +231,8 @@ def estimate_gb(stage: str, shape: dict, dims: dict[str, int], mode: str = "full
         # refinement and evaluation run after the training steps and need less than they did; the dataset's
         # feature matrices are released once the model holds its float32 copies (counted per item x dim)
         key = "dgmrec_blocks" if mode == "blocks" else "dgmrec"
-        need = (kept - n * total_dim * itemsize + graphs + MEM[f"{key}_per_node"] * (n + u) + MEM[f"{key}_per_interaction"] * train
+        need = (kept - n * total_dim * itemsize + graphs
+                + MEM[f"{key}_per_node"] * (n + u) + MEM[f"{key}_per_interaction"] * train
                 + MEM[f"{key}_per_item_dim"] * n * total_dim)
     else:
         raise ValueError(stage)

@@ -93,6 +93,9 @@ def test_cli_parser_quick_and_bad_input(tmp_path, capsys):
     assert nodata.run(nodata) == 2
     with pytest.raises(SystemExit):
         parser.parse_args(["compare", "--out", "x", "--missing-ratios", "0.2,1.5"])
+    # parsed only: train.keep_freed_memory changes the process's allocator (tests/test_keep_freed_memory.py)
+    assert parser.parse_args(["compare", "--out", "x", "--keep-freed-memory"]).keep_freed_memory
+    assert not parser.parse_args(["compare", "--out", "x"]).keep_freed_memory
 
 
 @pytest.mark.slow
