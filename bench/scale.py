@@ -486,13 +486,13 @@ def _train_epoch(model, dataset, config, spec: dict, rec: dict, before_epoch: bo
     """
     import torch
 
-    from dgmrec_dgl.optim import RowSparseAdam
+    from dgmrec_dgl.train import main_optimizer
     from kernels.sampling import bpr_triples
 
     tcfg = config.train
     t0 = time.perf_counter()
     g = model.make_graph(dataset)
-    optimizer = RowSparseAdam(model.main_parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    optimizer = main_optimizer(model, config)
     train_csr = dataset.train_matrix()
     generator = torch.Generator().manual_seed(tcfg.seed)
     rec["graph_setup_s"] = time.perf_counter() - t0

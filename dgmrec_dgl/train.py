@@ -128,7 +128,7 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
     g = model.make_graph(dataset)
     dataset = dataset.without_features()   # the model has its own copies; training reads the interactions
     step_precision = _step_precision(model, tcfg.precision)
-    optimizer = RowSparseAdam(model.main_parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    optimizer = main_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
     auxiliary = model.auxiliary_optimizer()
     generator = torch.Generator().manual_seed(tcfg.seed)
@@ -246,6 +246,11 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
     result["setup_seconds"] = setup_seconds
     result["epochs_run"] = state.epoch
     return result
+
+
+def main_optimizer(model: Recommender, config: Config) -> RowSparseAdam:
+    """The optimiser of ``model.main_parameters()``: Adam (fused) that also steps row-sparse gradients."""
+    return RowSparseAdam(model.main_parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
 
 
 def _keep_freed_memory() -> bool:
