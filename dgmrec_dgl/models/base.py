@@ -78,6 +78,17 @@ class Recommender(nn.Module):
         return g
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` along dim 0 [len(index), ...], with a backward pass that does not depend on the threads.
+
+    A batch repeats users and items. ``x[index]``'s backward sums the repeated rows' gradients with
+    ``index_put_``, whose multi-threaded CPU kernel adds them with atomics in whatever order the threads
+    reach them; runs with the same seed then differ in the last bits after one step and drift apart over an
+    epoch. ``index_select``'s backward (``index_add_``) adds them in index order.
+    """
+    return torch.index_select(x, 0, index)
+
+
 def scalar_parts(parts: dict) -> dict[str, float]:
     """Loss parts as plain floats for logging (detached from the graph)."""
     return {k: float(torch.as_tensor(v).detach()) for k, v in parts.items()}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..config import LightGCNConfig
-from .base import Recommender, scalar_parts
+from .base import Recommender, gather_rows, scalar_parts
 from .dgmrec.losses import bpr_loss, emb_loss
 from .lightgcn import LightGCN
 
@@ -53,8 +53,9 @@ class LightGCNRecommender(Recommender):
 
     def loss(self, reps, users, pos, neg, generator=None):
         user, item = reps
-        parts = {"bpr": bpr_loss(user[users], item[pos], item[neg])}
+        parts = {"bpr": bpr_loss(gather_rows(user, users), gather_rows(item, pos), gather_rows(item, neg))}
         if self.config.reg:
             b = self.backbone
-            parts["reg"] = self.config.reg * emb_loss(b.user[users], b.item[pos], b.item[neg])
+            parts["reg"] = self.config.reg * emb_loss(gather_rows(b.user, users), gather_rows(b.item, pos),
+                                                      gather_rows(b.item, neg))
         return sum(parts.values()), scalar_parts(parts)

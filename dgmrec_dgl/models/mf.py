@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import MFBPRConfig
-from .base import Recommender, scalar_parts
+from .base import Recommender, gather_rows, scalar_parts
 from .dgmrec.losses import bpr_loss, emb_loss
 
 
@@ -48,7 +48,8 @@ class MFBPR(Recommender):
 
     def loss(self, reps, users, pos, neg, generator=None):
         user, item = reps
-        parts = {"bpr": bpr_loss(user[users], item[pos], item[neg])}
+        parts = {"bpr": bpr_loss(gather_rows(user, users), gather_rows(item, pos), gather_rows(item, neg))}
         if self.config.reg:
-            parts["reg"] = self.config.reg * emb_loss(self.user_emb[users], self.item_emb[pos], self.item_emb[neg])
+            parts["reg"] = self.config.reg * emb_loss(gather_rows(self.user_emb, users),
+                                                      gather_rows(self.item_emb, pos), gather_rows(self.item_emb, neg))
         return sum(parts.values()), scalar_parts(parts)

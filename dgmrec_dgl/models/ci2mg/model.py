@@ -34,7 +34,7 @@ from torch import nn
 
 from ...config import CI2MGConfig
 from ...graphs.hetero import mean_aggregate, propagate
-from ..base import Recommender, scalar_parts
+from ..base import Recommender, gather_rows, scalar_parts
 from ..dgmrec.losses import bpr_loss, emb_loss
 from ..lightgcn import lightgcn
 from .contrastive import modality_contrastive
@@ -201,8 +201,8 @@ class CI2MG(Recommender):
         """Eq. 15 on a batch of triples (users, pos, neg) [B]; returns the total and its parts."""
         cfg = self.config
         user_all, item_all = reps.fused()
-        parts: dict[str, torch.Tensor] = {"bpr": cfg.bpr_weight * bpr_loss(user_all[users], item_all[pos],
-                                                                           item_all[neg])}
+        bpr = bpr_loss(gather_rows(user_all, users), gather_rows(item_all, pos), gather_rows(item_all, neg))
+        parts: dict[str, torch.Tensor] = {"bpr": cfg.bpr_weight * bpr}
         unique_pos = torch.unique(pos)
         rec, cl = 0.0, 0.0
         for m, v in reps.modalities.items():
@@ -215,5 +215,6 @@ class CI2MG(Recommender):
         if len(self.modalities) > 1:
             parts["cl"] = cfg.cl_weight * cl
         if cfg.reg:
-            parts["reg"] = cfg.reg * emb_loss(self.user_emb[users], self.item_emb[pos], self.item_emb[neg])
+            parts["reg"] = cfg.reg * emb_loss(gather_rows(self.user_emb, users), gather_rows(self.item_emb, pos),
+                                              gather_rows(self.item_emb, neg))
         return sum(parts.values()), scalar_parts(parts)

@@ -23,6 +23,7 @@ Where the authors' release and the paper differ, the release is followed as ``DG
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from itertools import combinations
 
 import numpy as np
@@ -35,7 +36,7 @@ from ...graphs.blocks import item_user_block, knn_blocks, src_ids
 from ...graphs.hetero import build_heterograph, replace_knn_relation
 from ...graphs.knn import KnnGraph, build_knn, normalize_knn
 from ...graphs.refine import refine_knn
-from ..base import Recommender, scalar_parts
+from ..base import Recommender, gather_rows, scalar_parts
 from ..lightgcn import lightgcn
 from .club import CLUBEstimator
 from .encoders import GeneralEncoder, SpecificEncoder
@@ -319,22 +320,24 @@ class DGMRec(Recommender):
         """
         cfg = self.config
         views = reps.modalities
+        at_users, at_pos = partial(gather_rows, index=users), partial(gather_rows, index=pos)
         user_all, item_all = reps.fused()
-        u, i, j = user_all[users], item_all[pos], item_all[neg]
+        u, i, j = at_users(user_all), at_pos(item_all), gather_rows(item_all, neg)
         batch = len(users)
         parts: dict[str, torch.Tensor] = {"bpr": bpr_loss(u, i, j)}
 
-        e_u, e_i, e_j = reps.user_id[users], reps.item_id[pos], reps.item_id[neg]
+        e_u, e_i, e_j = at_users(reps.user_id), at_pos(reps.item_id), gather_rows(reps.item_id, neg)
         reg = cfg.reg_id * emb_loss(e_u, e_i, e_j)
-        reg = reg + cfg.reg * sum((v.item_general[pos] + v.item_specific[pos]).norm() for v in views.values()) / batch
+        reg = reg + cfg.reg * sum((at_pos(v.item_general) + at_pos(v.item_specific)).norm()
+                                  for v in views.values()) / batch
         parts["reg"] = reg
 
-        general_u = sum(v.user_general[users] for v in views.values())
-        general_i = sum(v.item_general[pos] for v in views.values())
+        general_u = sum(at_users(v.user_general) for v in views.values())
+        general_i = sum(at_pos(v.item_general) for v in views.values())
         if cfg.intra_modal:   # UI-align, Eq. 21
             intra = info_nce(e_u, e_i, cfg.intra_modal_temp) + info_nce(general_u, general_i, cfg.inter_modal_temp)
             for v in views.values():
-                intra = intra + info_nce(v.user_specific[users], v.item_specific[pos], cfg.intra_modal_temp)
+                intra = intra + info_nce(at_users(v.user_specific), at_pos(v.item_specific), cfg.intra_modal_temp)
             parts["ui_align"] = cfg.intra_modal * intra
         if cfg.align_bm:      # BM-align, Eq. 20
             parts["bm_align"] = cfg.align_bm * (info_nce(e_i, general_i, cfg.align_bm_temp)
@@ -347,12 +350,12 @@ class DGMRec(Recommender):
                 both = unique_pos[self.present(a)[pos_ids] & self.present(b)[pos_ids]]
                 if len(both) > 1:
                     inter = inter + info_nce(views[a].general[both], views[b].general[both], cfg.inter_modal_temp)
-                inter = inter + info_nce(views[a].user_general[users], views[b].user_general[users],
+                inter = inter + info_nce(at_users(views[a].user_general), at_users(views[b].user_general),
                                          cfg.inter_modal_temp)
             parts["inter_modal"] = cfg.inter_modal * inter
         if cfg.sampler:       # CLUB, Eq. 7 (estimator evaluated only)
             parts["club"] = cfg.sampler * sum(
-                self.club[m](v.item_specific[pos], v.item_general[pos], generator) for m, v in views.items())
+                self.club[m](at_pos(v.item_specific), at_pos(v.item_general), generator) for m, v in views.items())
         if cfg.recon:         # Eq. 10–11 over the items reps covers; decoder input detached
             parts["recon"] = cfg.recon * sum(
                 F.mse_loss(self.decoders[m](perturb(v.item_general.detach(), cfg.perturb_eps, generator),
