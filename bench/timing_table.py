@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     p.add_argument("--paper-dataset", default="baby", help="which Table 5 block to print beside ours")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "timing"))
     p.add_argument("--quick", action="store_true",
-                   help=f"baby preset scaled to {QUICK_SCALE:.0%}, 2/3 missing, {QUICK_EPOCHS} epochs (< 3 min)")
+                   help=f"baby preset scaled to {QUICK_SCALE:.0%}%, 2/3 missing, {QUICK_EPOCHS} epochs (< 3 min)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:

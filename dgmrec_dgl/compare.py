@@ -8,7 +8,8 @@ Outputs in ``--out``::
     runs/<setting>/<model>/seed<S>/   run folders (resumable; a finished run is reused: result.json)
     runs.csv                         one row per (setting, model, seed): test metrics, best epoch, seconds
     report.csv                       one row per (setting, model): mean and std over seeds of each metric
-    report.md                        Table 2 layout: R@20, R@50, N@20, N@50, mean ± std, best in bold
+    report.md                        Table 2 layout: R@20, R@50, N@20, N@50, mean ± std, best in bold, and
+                                     a popularity ranker's row as a reference (not trained, not in bold)
     report.png                       grouped bars (metrics × models, std error bars) of the first setting
     robustness.csv / robustness.png  with --missing-ratios: Fig. 4 layout, the metric and its relative drop
                                      from the ratio-0 value ((m_0 − m_r) / m_0, in %) against the ratio
@@ -41,7 +42,10 @@ MODELS = ("dgmrec", "ci2mg", "lightgcn", "mfbpr")
 METRICS = ("recall@20", "recall@50", "ndcg@20", "ndcg@50")
 SHORT = {"recall@20": "R@20", "recall@50": "R@50", "ndcg@20": "N@20", "ndcg@50": "N@50",
          "recall@10": "R@10", "ndcg@10": "N@10"}
-LABELS = {"dgmrec": "DGMRec", "ci2mg": "CI2MG", "lightgcn": "LightGCN", "mfbpr": "MF-BPR"}
+#: the reference row of every setting: items scored by their train interaction counts (no training, no seeds)
+REFERENCE = "popularity"
+LABELS = {"dgmrec": "DGMRec", "ci2mg": "CI2MG", "lightgcn": "LightGCN", "mfbpr": "MF-BPR",
+          REFERENCE: "Popularity (reference)"}
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 QUICK = {"preset": "toy", "ratio": 2 / 3, "seeds": (999, 42), "epochs": 6}
 
@@ -141,7 +145,7 @@ def compare(models, data_dir, out_dir, seeds, *, mask=None, ratios=None, new_ite
             settings.append((f"ratio{r:g}", data, float(r)))
     else:
         settings.append(("mask", {"mask": os.path.abspath(mask)} if mask else {}, None))
-    runs = []
+    runs, references = [], []
     total = len(settings) * len(models) * len(seeds)
     count = 0
     for setting, data, ratio in settings:
@@ -165,7 +169,13 @@ def compare(models, data_dir, out_dir, seeds, *, mask=None, ratios=None, new_ite
                 how = "reused" if result.get("reused") else f"{row['seconds']:.1f} s"
                 log(f"[{count}/{total}] {setting} {model} seed {seed}: "
                     + " ".join(f"{SHORT[k]} {row[k]:.4f}" for k in METRICS) + f" ({how})")
-    summary = summarise(runs)
+        if models:   # the data section of the setting's configs, the same for every model
+            popular = popularity_reference(config)
+            reference = {"setting": setting, "ratio": ratio, "model": REFERENCE, "n_seeds": 0}
+            for k in METRICS:
+                reference.update({f"{k}_mean": popular[k], f"{k}_std": 0.0})
+            references.append(reference)
+    summary = summarise(runs) + references
     files = write_reports(out_dir, runs, summary, {
         "data": os.path.abspath(data_dir), "mask": os.path.abspath(mask) if mask and not ratios else None,
         "new_items": bool(new_items), "inject": inject, "seeds": list(seeds), "epochs": epochs,
@@ -173,6 +183,16 @@ def compare(models, data_dir, out_dir, seeds, *, mask=None, ratios=None, new_ite
     if ratios:
         files += write_robustness(out_dir, summary, metric)
     return {"runs": runs, "summary": summary, "files": files}
+
+
+def popularity_reference(config) -> dict[str, float]:
+    """Test metrics of the popularity ranker on ``config``'s data, through the trainer's loader and evaluator."""
+    from .evaluate import evaluate, popularity_scores
+    from .train import load_dataset
+
+    dataset = load_dataset(config)
+    return evaluate(popularity_scores(dataset), dataset, "test", config.eval.ks,
+                    budget_bytes=config.eval.budget_mb << 20)
 
 
 # ---------------------------------------------------------------------- tables
@@ -202,17 +222,17 @@ def _csv(rows: list[dict]) -> str:
 
 
 def markdown_table(summary: list[dict], setting: str) -> str:
-    """Table 2 layout for one setting; the best mean of each column in bold."""
+    """Table 2 layout for one setting; the best mean of each column among the models in bold."""
     rows = [s for s in summary if s["setting"] == setting]
-    best = {k: max((s[f"{k}_mean"] for s in rows if not math.isnan(s[f"{k}_mean"])), default=math.nan)
-            for k in METRICS}
+    best = {k: max((s[f"{k}_mean"] for s in rows if s["model"] != REFERENCE and not math.isnan(s[f"{k}_mean"])),
+                   default=math.nan) for k in METRICS}
     lines = ["| Model | " + " | ".join(SHORT[k] for k in METRICS) + " |",
              "|---|" + "---:|" * len(METRICS)]
     for s in rows:
         cells = []
         for k in METRICS:
             text = f"{s[f'{k}_mean']:.4f} ± {s[f'{k}_std']:.4f}"
-            cells.append(f"**{text}**" if s[f"{k}_mean"] == best[k] else text)
+            cells.append(f"**{text}**" if s[f"{k}_mean"] == best[k] and s["model"] != REFERENCE else text)
         lines.append(f"| {LABELS.get(s['model'], s['model'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -234,6 +254,7 @@ def write_reports(out_dir, runs, summary, meta) -> list[str]:
         f"- seeds: {seeds} (mean ± sample std over seeds); epochs: "
         + (f"at most {meta['epochs']}" if meta.get("epochs") else "the configs' (early stopping)"),
         "- metrics: test split, full ranking, model selected on valid Recall@20; best mean in bold",
+        f"- {LABELS[REFERENCE]}: every user's scores are the items' train interaction counts (not trained)",
         "",
     ]
     body = []
@@ -288,7 +309,7 @@ def write_robustness(out_dir, summary: list[dict], metric: str = "recall@20") ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [s for s in summary if s["ratio"] is not None]
+    rows = [s for s in summary if s["ratio"] is not None and s["model"] != REFERENCE]
     models = list(dict.fromkeys(s["model"] for s in rows))
     ratios = sorted({s["ratio"] for s in rows})
     table = []

@@ -112,6 +112,12 @@ def evaluate(score_fn: ScoreFn, dataset: Dataset, split: str = "test", ks: Seque
     return result
 
 
+def popularity_scores(dataset: Dataset) -> ScoreFn:
+    """The popularity reference ranker: every user scores each item by its number of train interactions."""
+    counts = torch.from_numpy(dataset.item_train_counts().astype(np.float32))
+    return lambda users: counts.repeat(len(users), 1)     # a fresh [B, n_items]: evaluate() masks it in place
+
+
 def _accumulate(sums, counts, metrics, suffix):
     for name, values in metrics.items():
         key = name + suffix

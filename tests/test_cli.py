@@ -95,3 +95,11 @@ def test_train_then_evaluate_recommend_and_retrieve(model, tiny_dir, tmp_path, c
         assert "missing=1/hit@10" in report["dgmrec"]
     else:   # trained without a mask: a one-line error, not a stack trace
         assert main(["evaluate", str(run), "--retrieval"]) == 2
+
+
+@pytest.mark.parametrize("script", ["timing_table.py", "scale.py", "graph_refinement.py"])
+def test_bench_scripts_print_their_help(script):
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    proc = subprocess.run([sys.executable, str(bench / script), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage:") and "--quick" in proc.stdout

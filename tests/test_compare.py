@@ -7,9 +7,12 @@ import csv
 
 import numpy as np
 import pytest
+import torch
 
-from dgmrec_dgl.compare import add_compare_parser, compare, markdown_table, summarise
+from dgmrec_dgl.compare import METRICS, REFERENCE, add_compare_parser, compare, markdown_table, summarise
+from dgmrec_dgl.data.dataset import Dataset
 from dgmrec_dgl.data.synthetic import generate, preset
+from dgmrec_dgl.evaluate import evaluate, popularity_scores
 
 FAST = {"eval_every": 2, "patience": 2, "batch_size": 1024, "threads": 1}
 
@@ -36,6 +39,19 @@ def test_summary_and_bold_best():
     assert summary[1]["recall@20_std"] == 0.0
     table = markdown_table(summary, "mask")
     assert "| LightGCN | **0.3000 ± 0.1414** |" in table and "| MF-BPR | 0.1000 ± 0.0000 |" in table
+    # the reference row is shown but never bold, even when it beats every model
+    reference = {"setting": "mask", "ratio": None, "model": REFERENCE, "n_seeds": 0}
+    for k in METRICS:
+        reference.update({f"{k}_mean": 0.5, f"{k}_std": 0.0})
+    table = markdown_table(summary + [reference], "mask")
+    assert "| Popularity (reference) | 0.5000 ± 0.0000 |" in table and "**0.3000 ± 0.1414**" in table
+
+
+def test_popularity_scores_are_the_train_counts(tiny_dir):
+    ds = Dataset.load(tiny_dir)
+    scores = popularity_scores(ds)(torch.tensor([0, 3]))
+    counts = np.bincount(ds.train[:, 1], minlength=ds.n_items)
+    assert scores.shape == (2, ds.n_items) and np.array_equal(scores[1].numpy(), counts)
 
 
 def test_compare_writes_reports_and_reuses_finished_runs(toy_dir, tmp_path):
@@ -50,9 +66,13 @@ def test_compare_writes_reports_and_reuses_finished_runs(toy_dir, tmp_path):
     assert [(r["model"], r["seed"]) for r in runs] == [("lightgcn", "1"), ("lightgcn", "2"), ("mfbpr", "1"),
                                                       ("mfbpr", "2")]
     report = _rows(out / "report.csv")
-    assert {r["model"] for r in report} == {"lightgcn", "mfbpr"} and all(r["n_seeds"] == "2" for r in report)
+    assert [(r["model"], r["n_seeds"]) for r in report] == [("lightgcn", "2"), ("mfbpr", "2"), (REFERENCE, "0")]
+    ds = Dataset.load(toy_dir)
+    popular = evaluate(popularity_scores(ds), ds, "test")
+    assert float(report[2]["recall@20_mean"]) == pytest.approx(popular["recall@20"])
     text = (out / "report.md").read_text()
     assert "| Model | R@20 | R@50 | N@20 | N@50 |" in text and "**" in text
+    assert "| Popularity (reference) |" in text
     assert len(lines) == 4 and not any("reused" in line for line in lines)
     # a second call reuses every finished run and gives the same table
     again = compare(["lightgcn", "mfbpr"], toy_dir, out, [1, 2], epochs=2, train_overrides=FAST,
@@ -73,7 +93,8 @@ def test_missing_ratios_write_the_robustness_curve(toy_dir, tmp_path):
     assert float(rows[0]["relative_drop_pct"]) == 0.0
     assert (out / "robustness.png").exists()
     report = _rows(out / "report.csv")
-    assert [r["setting"] for r in report] == ["ratio0", "ratio0.5"]
+    assert [(r["setting"], r["model"]) for r in report] == [("ratio0", "mfbpr"), ("ratio0.5", "mfbpr"),
+                                                            ("ratio0", REFERENCE), ("ratio0.5", REFERENCE)]
     assert "feature injection: nn" in (out / "report.md").read_text()
 
 
@@ -105,4 +126,4 @@ def test_quick_with_all_four_models(tmp_path):
     args = parser.parse_args(["compare", "--quick", "--out", str(tmp_path / "q"), "--threads", "1"])
     assert args.run(args) == 0
     models = {r["model"] for r in _rows(tmp_path / "q" / "report.csv")}
-    assert models == {"dgmrec", "ci2mg", "lightgcn", "mfbpr"}
+    assert models == {"dgmrec", "ci2mg", "lightgcn", "mfbpr", REFERENCE}
