@@ -222,7 +222,7 @@ def main(argv=None) -> int:
                         "Numba/DGL worker threads spin and slow small models several-fold on a busy machine)")
     p.add_argument("--paper-dataset", default="baby", help="which Table 5 block to print beside ours")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "timing"))
-    p.add_argument("--quick", action="store_true",
+    p.add_argument("--quick", action="store_true",    # "%%": argparse %-formats help strings
                    help=f"baby preset scaled to {QUICK_SCALE:.0%}%, 2/3 missing, {QUICK_EPOCHS} epochs (< 3 min)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
