@@ -190,7 +190,7 @@ def popularity_reference(config) -> dict[str, float]:
     from .evaluate import evaluate, popularity_scores
     from .train import load_dataset
 
-    dataset = load_dataset(config)
+    dataset = load_dataset(config, prepare_features=False)   # the splits are all it reads
     return evaluate(popularity_scores(dataset), dataset, "test", config.eval.ks,
                     budget_bytes=config.eval.budget_mb << 20)
 

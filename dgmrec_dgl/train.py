@@ -49,16 +49,20 @@ from .models.base import Recommender
 from .optim import RowSparseAdam
 
 
-def load_dataset(config: Config) -> Dataset:
+def load_dataset(config: Config, *, prepare_features: bool = True) -> Dataset:
     """The dataset of ``config.data``: loaded, new-items split if asked, reduced if asked, masked, imputed.
 
     The PCA reduction (``data.reduce_dims``) is fitted on the items the mask leaves with each modality
-    and applied before imputation, so the imputed rows are written only at the reduced width.
+    and applied before imputation, so the imputed rows are written only at the reduced width. With
+    ``prepare_features=False`` it stops after the split (for what needs only the interactions): the
+    features stay as read, without mask, reduction, imputation or injection.
     """
     cfg = config.data
     dataset = Dataset.load(cfg.dir, inter=cfg.inter, require_features=True, feature_dtype=cfg.feature_dtype)
     if cfg.new_items:
         dataset = new_items_split(dataset, seed=cfg.new_items_seed)
+    if not prepare_features:
+        return dataset
     mask = None
     if cfg.mask:
         mask = MissingMask.load(cfg.mask, dataset.n_items, dataset.modalities or None, allow_pickle=cfg.allow_pickle)
