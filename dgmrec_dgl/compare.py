@@ -6,7 +6,7 @@ mask, new-items split, injection and seeds, so the only difference between rows 
 Outputs in ``--out``::
 
     runs/<setting>/<model>/seed<S>/   run folders (resumable; a finished run is reused: result.json)
-    runs.csv                         one row per (setting, model, seed): test metrics, best epoch, seconds
+    runs.csv                         one row per (setting, model, seed): test metrics, best epoch, seconds, threads
     report.csv                       one row per (setting, model): mean and std over seeds of each metric
     report.md                        Table 2 layout: R@20, R@50, N@20, N@50, mean ± std, best in bold, and
                                      a popularity ranker's row as a reference (not trained, not in bold)
@@ -48,6 +48,9 @@ LABELS = {"dgmrec": "DGMRec", "ci2mg": "CI2MG", "lightgcn": "LightGCN", "mfbpr":
           REFERENCE: "Popularity (reference)"}
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 QUICK = {"preset": "toy", "ratio": 2 / 3, "seeds": (999, 42), "epochs": 6}
+#: ``train:`` settings that decide how a run executes, not what it computes (beyond the summation order of
+#: multi-threaded kernels): a finished run is reused whatever they were, and runs.csv records its threads
+EXECUTION_KEYS = ("threads", "keep_freed_memory")
 
 
 # ---------------------------------------------------------------------- configs and runs
@@ -72,7 +75,10 @@ def model_config(model: str, overrides: dict, config_dir: str | os.PathLike | No
 def run_one(config, run_dir: str | os.PathLike, progress: bool = False) -> dict:
     """Train ``config`` into ``run_dir`` unless a finished run of the same config is there; return its result.
 
-    A killed run is continued from its ``last.pt``; a folder holding a different config is started afresh.
+    "The same config" leaves out :data:`EXECUTION_KEYS`, so a run finished on one thread is reused by a call
+    with two (the result's ``threads`` says what it ran with). A killed run is continued from its ``last.pt``
+    only under the very same config, execution keys included; a folder holding a different config is started
+    afresh.
     """
     from .config import load_config
     from .train import train
@@ -83,14 +89,20 @@ def run_one(config, run_dir: str | os.PathLike, progress: bool = False) -> dict:
     if os.path.exists(done):
         with open(done) as fh:
             previous = json.load(fh)
-        if previous.get("config") == _jsonable(wanted):
-            return {**previous["result"], "reused": True}
+        if _experiment(previous.get("config", {})) == _experiment(_jsonable(wanted)):
+            return {**previous["result"], "threads": previous["config"]["train"]["threads"], "reused": True}
     saved = os.path.join(run_dir, "config.yaml")
     resume = os.path.exists(saved) and load_config(saved).to_dict() == wanted
     result = train(config, run_dir, resume=resume, progress=progress)
     result["seconds"] = result.get("setup_seconds", 0.0) + _logged_seconds(os.path.join(run_dir, "log.jsonl"))
     atomic_write_json(done, {"config": _jsonable(wanted), "result": result})
-    return result
+    return {**result, "threads": config.train.threads}
+
+
+def _experiment(config: dict) -> dict:
+    """A config's dict without its :data:`EXECUTION_KEYS`."""
+    train = {k: v for k, v in config.get("train", {}).items() if k not in EXECUTION_KEYS}
+    return {**config, "train": train}
 
 
 def _logged_seconds(log_path: str) -> float:
@@ -164,7 +176,7 @@ def compare(models, data_dir, out_dir, seeds, *, mask=None, ratios=None, new_ite
                 row = {"setting": setting, "ratio": ratio, "model": model, "seed": int(seed),
                        **{k: test.get(k, math.nan) for k in METRICS},
                        "best_epoch": result.get("best_epoch", -1), "epochs_run": result.get("epochs_run", 0),
-                       "seconds": round(float(result.get("seconds", math.nan)), 2)}
+                       "seconds": round(float(result.get("seconds", math.nan)), 2), "threads": result["threads"]}
                 runs.append(row)
                 how = "reused" if result.get("reused") else f"{row['seconds']:.1f} s"
                 log(f"[{count}/{total}] {setting} {model} seed {seed}: "
@@ -231,7 +243,9 @@ def markdown_table(summary: list[dict], setting: str) -> str:
     for s in rows:
         cells = []
         for k in METRICS:
-            text = f"{s[f'{k}_mean']:.4f} ± {s[f'{k}_std']:.4f}"
+            text = f"{s[f'{k}_mean']:.4f}"
+            if s["model"] != REFERENCE:     # the reference is not trained: no spread over seeds
+                text += f" ± {s[f'{k}_std']:.4f}"
             cells.append(f"**{text}**" if s[f"{k}_mean"] == best[k] and s["model"] != REFERENCE else text)
         lines.append(f"| {LABELS.get(s['model'], s['model'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -259,13 +273,16 @@ def write_reports(out_dir, runs, summary, meta) -> list[str]:
     ]
     body = []
     for setting in settings:
-        body += [f"## {setting}", "", markdown_table(summary, setting), "", "Best epoch / epochs run per seed:", ""]
+        body += [f"## {setting}", "", markdown_table(summary, setting), "",
+                 "Best epoch / epochs run per seed, and the torch threads they ran on (0: torch's default):", ""]
         for model in dict.fromkeys(r["model"] for r in runs if r["setting"] == setting):
             mine = [r for r in runs if r["setting"] == setting and r["model"] == model]
+            threads = ", ".join(str(t) for t in dict.fromkeys(r["threads"] for r in mine))
             body.append(f"- {LABELS.get(model, model)}: "
                         + ", ".join(f"{r['best_epoch']}/{r['epochs_run']}" for r in mine)
                         + (" (epoch cap reached)" if meta.get("epochs") and any(
-                            r["epochs_run"] >= meta["epochs"] for r in mine) else ""))
+                            r["epochs_run"] >= meta["epochs"] for r in mine) else "")
+                        + f"; threads {threads}")
         body.append("")
     atomic_write_text(paths[2], "\n".join(head + body))
     first = [s for s in summary if s["setting"] == settings[0]]

@@ -44,7 +44,7 @@ def test_summary_and_bold_best():
     for k in METRICS:
         reference.update({f"{k}_mean": 0.5, f"{k}_std": 0.0})
     table = markdown_table(summary + [reference], "mask")
-    assert "| Popularity (reference) | 0.5000 ± 0.0000 |" in table and "**0.3000 ± 0.1414**" in table
+    assert "| Popularity (reference) | 0.5000 | 0.5000 |" in table and "**0.3000 ± 0.1414**" in table
 
 
 def test_popularity_scores_are_the_train_counts(tiny_dir):
@@ -72,13 +72,17 @@ def test_compare_writes_reports_and_reuses_finished_runs(toy_dir, tmp_path):
     assert float(report[2]["recall@20_mean"]) == pytest.approx(popular["recall@20"])
     text = (out / "report.md").read_text()
     assert "| Model | R@20 | R@50 | N@20 | N@50 |" in text and "**" in text
-    assert "| Popularity (reference) |" in text
+    assert "| Popularity (reference) |" in text and "- MF-BPR: " in text and "; threads 1\n" in text
     assert len(lines) == 4 and not any("reused" in line for line in lines)
     # a second call reuses every finished run and gives the same table
     again = compare(["lightgcn", "mfbpr"], toy_dir, out, [1, 2], epochs=2, train_overrides=FAST,
                     log=lines.append)
     assert all("reused" in line for line in lines[4:])
     assert again["summary"] == result["summary"]
+    assert {r["threads"] for r in _rows(out / "runs.csv")} == {"1"}
+    # another thread count reuses them too (it changes the speed, not the experiment), and says what ran
+    compare(["mfbpr"], toy_dir, out, [1], epochs=2, train_overrides={**FAST, "threads": 2}, log=lines.append)
+    assert "reused" in lines[-1] and _rows(out / "runs.csv")[0]["threads"] == "1"
     # a changed config (more epochs) is not reused
     compare(["mfbpr"], toy_dir, out, [1], epochs=4, train_overrides=FAST, log=lines.append)
     assert "reused" not in lines[-1]
