@@ -1,9 +1,10 @@
 """DGMRec's parts in isolation: encoders, CLUB, generators, losses."""
 
 import torch
+import torch.nn.functional as F
 
 from dgmrec_dgl.models.dgmrec.club import CLUBEstimator
-from dgmrec_dgl.models.dgmrec.encoders import GeneralEncoder, SpecificEncoder
+from dgmrec_dgl.models.dgmrec.encoders import GeneralEncoder, SpecificEncoder, encode
 from dgmrec_dgl.models.dgmrec.generators import ModalityDecoder, ModalityGenerator, perturb
 from dgmrec_dgl.models.dgmrec.losses import bpr_loss, info_nce
 
@@ -20,6 +21,38 @@ def test_encoders_shapes_range_and_shared_general_layer():
     assert enc.project["text"].weight.grad is None        # the text projection took no part
     spec = SpecificEncoder(12, 8)
     assert spec(x_img).shape == (7, 8)
+
+
+def test_encode_equals_the_two_encoders_in_values_and_gradients():
+    torch.manual_seed(0)
+    general, specific = GeneralEncoder({"image": 40, "text": 6}, 8), SpecificEncoder(40, 8)
+    x = torch.randn(30, 40, dtype=torch.float64, requires_grad=True)
+    general, specific = general.double(), specific.double()
+    weights = torch.randn(2, 30, 8, dtype=torch.float64)
+
+    def grads(outputs):
+        (weights[0] * outputs[0] + weights[1] * outputs[1]).sum().backward()
+        params = [x, general.project["image"].weight, general.project["image"].bias, general.shared.weight,
+                  specific.encode.weight, specific.encode.bias]
+        out = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return out
+
+    fused = encode(general, specific, "image", x)
+    fused_grads = grads(fused)
+    apart = (general("image", x), specific(x))
+    for a, b in zip(fused + tuple(fused_grads), apart + tuple(grads(apart))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert general.project["text"].weight.grad is None
+
+
+def test_info_nce_matches_its_definition():
+    torch.manual_seed(0)
+    a, b = torch.randn(20, 6, dtype=torch.float64), torch.randn(20, 6, dtype=torch.float64)
+    cos = F.cosine_similarity(a[:, None], b[None], dim=2) / 0.3
+    expected = -(cos.diagonal() - cos.logsumexp(dim=1)).mean()
+    torch.testing.assert_close(info_nce(a, b, 0.3), expected)
 
 
 def test_info_nce_is_small_for_aligned_and_large_for_shuffled_pairs():

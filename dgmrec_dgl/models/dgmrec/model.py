@@ -39,7 +39,7 @@ from ...graphs.refine import refine_knn
 from ..base import Recommender, gather_rows, scalar_parts
 from ..lightgcn import lightgcn
 from .club import CLUBEstimator
-from .encoders import GeneralEncoder, SpecificEncoder
+from .encoders import GeneralEncoder, SpecificEncoder, encode
 from .generators import ModalityDecoder, ModalityGenerator, perturb
 from .losses import bpr_loss, emb_loss, info_nce
 from .preference import PreferenceFilter
@@ -237,7 +237,7 @@ class DGMRec(Recommender):
         views = {}
         for m in self.modalities:
             x = self.raw[m]
-            general, specific = self.general(m, x), self.specific[m](x)
+            general, specific = encode(self.general, self.specific[m], m, x)
             pref = self.preference[m](g, self.user_emb)
             h = propagate_modality(g, m, torch.cat([pref * general, pref * specific], dim=1), cfg.n_mm_layers)
             hu = user_modality_features(g, h)
@@ -294,7 +294,7 @@ class DGMRec(Recommender):
             pref = torch.index_select(self.preference[m](g, self.user_emb), 0, inputs)   # whole graph (1.)
             # a sparse gradient of only I_m's rows, not a dense [n_items, d_m] one (dgmrec_dgl.optim)
             x = F.embedding(inputs, self.raw[m], sparse=True)
-            general, specific = self.general(m, x), self.specific[m](x)
+            general, specific = encode(self.general, self.specific[m], m, x)
             h = propagate_modality_blocks(blocks, m, torch.cat([pref * general, pref * specific], dim=1))
             hu = user_modality_features(to_users, torch.index_select(h, 0, their_rows))
             n = len(items)
