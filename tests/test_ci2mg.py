@@ -326,7 +326,7 @@ def test_single_modality_and_three_modalities(tiny_dir, tmp_path):
     assert all(p.grad is not None for p in model.delta.values())
 
 
-def test_ci2mg_trains_with_the_generic_trainer(tmp_path):
+def test_ci2mg_trains_with_the_generic_trainer_and_resumes_exactly(tmp_path):
     from dgmrec_dgl.data.synthetic import generate, preset
     from dgmrec_dgl.train import train
 
@@ -334,6 +334,11 @@ def test_ci2mg_trains_with_the_generic_trainer(tmp_path):
     generate(data, preset("toy", n_users=200, n_items=150), progress=False)
     config = load_config(None, {"model": {"name": "ci2mg", "ot_block": 64},
                                 "data": {"dir": str(data), "missing_ratio": 2 / 3},
-                                "train": {"epochs": 3, "eval_every": 3, "batch_size": 512, "threads": 1}})
+                                "train": {"epochs": 4, "eval_every": 2, "batch_size": 512, "threads": 1}})
     result = train(config, str(tmp_path / "run"), progress=False)
-    assert result["epochs_run"] == 3 and result["test"]["recall@20"] > 0
+    assert result["epochs_run"] == 4 and result["test"]["recall@20"] > 0
+    # "killed" after one epoch (OT blocks redrawn, Adam moments and RNG states mid-run), then resumed
+    train(config, str(tmp_path / "part"), progress=False, max_epochs=1)
+    resumed = train(config, str(tmp_path / "part"), resume=True, progress=False)
+    assert (resumed["best_epoch"], resumed["valid"], resumed["test"]) == (result["best_epoch"], result["valid"],
+                                                                       result["test"])
