@@ -90,7 +90,7 @@ def run_one(config, run_dir: str | os.PathLike, progress: bool = False) -> dict:
         with open(done) as fh:
             previous = json.load(fh)
         if _experiment(previous.get("config", {})) == _experiment(_jsonable(wanted)):
-            return {**previous["result"], "threads": previous["config"]["train"]["threads"], "reused": True}
+            return {**previous["result"], "threads": previous["config"]["train"].get("threads", 0), "reused": True}
     saved = os.path.join(run_dir, "config.yaml")
     resume = os.path.exists(saved) and load_config(saved).to_dict() == wanted
     result = train(config, run_dir, resume=resume, progress=progress)
