@@ -15,7 +15,7 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
     """``mean_r −log softmax_c(cos(a_r, b_c)/τ)[r]`` for ``a``, ``b`` [B, d] (row r of b is a_r's positive).
 
     ``1/τ`` scales the ``[B, d]`` rows of ``a`` rather than the ``[B, B]`` logits (the same values up to rounding,
-    two passes over B² entries fewer per call; the loss makes seven calls per step).
+    two passes over B² entries fewer per call; the loss makes up to eight calls per step with two modalities).
     """
     logits = (F.normalize(a, dim=1) / temperature) @ F.normalize(b, dim=1).T
     return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
