@@ -76,9 +76,10 @@ def run_one(config, run_dir: str | os.PathLike, progress: bool = False) -> dict:
     """Train ``config`` into ``run_dir`` unless a finished run of the same config is there; return its result.
 
     "The same config" leaves out :data:`EXECUTION_KEYS`, so a run finished on one thread is reused by a call
-    with two (the result's ``threads`` says what it ran with). A killed run is continued from its ``last.pt``
-    only under the very same config, execution keys included; a folder holding a different config is started
-    afresh.
+    with two (the result's ``threads`` says what it ran with). The recorded config is read like a YAML
+    config, so a key added to the package after the run counts at its default: a run is not retrained
+    because the code grew a switch it did not use. A killed run is continued from its ``last.pt`` only under
+    the very same config, execution keys included; a folder holding a different config is started afresh.
     """
     from .config import load_config
     from .train import train
@@ -89,7 +90,7 @@ def run_one(config, run_dir: str | os.PathLike, progress: bool = False) -> dict:
     if os.path.exists(done):
         with open(done) as fh:
             previous = json.load(fh)
-        if _experiment(previous.get("config", {})) == _experiment(_jsonable(wanted)):
+        if _experiment(_recorded_config(previous.get("config", {}))) == _experiment(_jsonable(wanted)):
             return {**previous["result"], "threads": previous["config"]["train"].get("threads", 0), "reused": True}
     saved = os.path.join(run_dir, "config.yaml")
     resume = os.path.exists(saved) and load_config(saved).to_dict() == wanted
@@ -97,6 +98,17 @@ def run_one(config, run_dir: str | os.PathLike, progress: bool = False) -> dict:
     result["seconds"] = result.get("setup_seconds", 0.0) + _logged_seconds(os.path.join(run_dir, "log.jsonl"))
     atomic_write_json(done, {"config": _jsonable(wanted), "result": result})
     return {**result, "threads": config.train.threads}
+
+
+def _recorded_config(recorded: dict) -> dict:
+    """A finished run's recorded config with today's defaults for keys it predates (``{}`` if unreadable)."""
+    from .config import load_config
+    from .errors import DataError
+
+    try:
+        return _jsonable(load_config(None, recorded).to_dict())
+    except DataError:       # a key the package no longer has: not an experiment this code can reuse
+        return {}
 
 
 def _experiment(config: dict) -> dict:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from dgmrec_dgl.compare import METRICS, REFERENCE, add_compare_parser, compare, markdown_table, summarise
+from dgmrec_dgl.config import TrainConfig
 from dgmrec_dgl.data.dataset import Dataset
 from dgmrec_dgl.data.synthetic import generate, preset
 from dgmrec_dgl.evaluate import evaluate, popularity_scores
@@ -83,6 +85,18 @@ def test_compare_writes_reports_and_reuses_finished_runs(toy_dir, tmp_path):
     # another thread count reuses them too (it changes the speed, not the experiment), and says what ran
     compare(["mfbpr"], toy_dir, out, [1], epochs=2, train_overrides={**FAST, "threads": 2}, log=lines.append)
     assert "reused" in lines[-1] and _rows(out / "runs.csv")[0]["threads"] == "1"
+    # a run recorded before a key existed counts that key at its default: reused while the call leaves the
+    # key at its default, retrained when the call sets another value
+    done = out / "runs" / "mask" / "mfbpr" / "seed2" / "result.json"
+    record = json.loads(done.read_text())
+    assert record["config"]["data"].pop("reduce_seed") == 0
+    done.write_text(json.dumps(record))
+    compare(["mfbpr"], toy_dir, out, [2], epochs=2, train_overrides=FAST, log=lines.append)
+    assert "reused" in lines[-1]
+    assert record["config"]["train"].pop("eval_every") == FAST["eval_every"] != TrainConfig().eval_every
+    done.write_text(json.dumps(record))
+    compare(["mfbpr"], toy_dir, out, [2], epochs=2, train_overrides=FAST, log=lines.append)
+    assert "reused" not in lines[-1]
     # a changed config (more epochs) is not reused
     compare(["mfbpr"], toy_dir, out, [1], epochs=4, train_overrides=FAST, log=lines.append)
     assert "reused" not in lines[-1]
