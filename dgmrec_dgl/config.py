@@ -153,12 +153,21 @@ class DGMRecConfig(_ChecksExecution):
     generate_multi_missing: bool = False   # also overwrite rows of items missing several modalities
     score_with_refined_graph: bool = True  # False reproduces the journal release (initial graph at scoring)
     refine_sources: str = "present"        # paper: edges from items having m; "all" as the release
+    # Eq. 16 blends by union, so a refined row gains up to knn_k columns per refinement and never loses
+    # one. A refined entry below refine_tolerance x its row's largest is dropped; 0 keeps the paper's maths.
+    refine_tolerance: float = 0.0
     knn_index: str = "auto"
     # How a training step computes what its loss reads (README, "Large catalogs: model.execution"): full
     # (the whole graph every step), blocks (the modality branch only for the batch's items, on exact DGL
     # blocks; recon over those items) or auto (blocks when n_items >= blocks_min_items).
     execution: str = "auto"
     blocks_min_items: int = BLOCKS_MIN_ITEMS
+
+    def __setattr__(self, name, value):
+        if name == "refine_tolerance" and not 0.0 <= value < 1.0:
+            raise DataError("config", "model.refine_tolerance", f"must lie in [0, 1), got {value!r}",
+                            "use 0 (keep every refined edge, the paper) or a small fraction such as 0.01")
+        super().__setattr__(name, value)
 
 
 @dataclass

@@ -18,11 +18,12 @@ def _entry_rows(indptr: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
 
 
-def refine_rows_reference(indptr, indices, data, rows, new_indptr, new_indices, new_data, alpha):
+def refine_rows_reference(indptr, indices, data, rows, new_indptr, new_indices, new_data, alpha, tolerance=0.0):
     """Twin of :func:`kernels.refine.refine_rows`: returns ``(indptr, indices, data)`` of the result.
 
     Touched rows: scipy computes ``alpha * old[rows] + (1 - alpha) * new`` in float64 (summing duplicate
-    columns), the result is rounded to float32, exact zeros are dropped and columns sorted. Untouched
+    columns), the result is rounded to float32, exact zeros and entries below ``tolerance`` times the
+    row's largest magnitude are dropped and columns sorted. Untouched
     rows are sliced straight from the input arrays.
     """
     indptr = np.asarray(indptr, dtype=np.int64)
@@ -56,12 +57,16 @@ def refine_rows_reference(indptr, indices, data, rows, new_indptr, new_indices, 
             k = touched[i]
             lo, hi = blended.indptr[k], blended.indptr[k + 1]
             cols, vals = blended.indices[lo:hi], blended.data[lo:hi]
+            if tolerance > 0 and vals.size:
+                magnitude = np.abs(vals.astype(np.float64))
+                keep = magnitude >= tolerance * magnitude.max()
+                cols, vals = cols[keep], vals[keep]
         else:
             lo, hi = indptr[i], indptr[i + 1]
             cols, vals = indices[lo:hi], data[lo:hi]
         out_indices.append(np.asarray(cols, dtype=np.int64))
         out_data.append(np.asarray(vals, dtype=np.float32))
-        out_indptr.append(out_indptr[-1] + hi - lo)
+        out_indptr.append(out_indptr[-1] + len(cols))
     return (
         np.asarray(out_indptr, dtype=np.int64),
         np.concatenate(out_indices) if out_indices else np.zeros(0, np.int64),

@@ -170,12 +170,14 @@ def _sort_by_column(cols, vals, m):
 
 
 @numba.njit(cache=True)
-def _blend_row(indptr, indices, data, i, new_indptr, new_indices, new_data, r, alpha, buf_cols, buf_vals):
+def _blend_row(indptr, indices, data, i, new_indptr, new_indices, new_data, r, alpha, tolerance,
+               buf_cols, buf_vals):
     """Blend old row ``i`` with new row ``r`` into the buffers; return how many entries survive.
 
     On return ``buf_cols[:m]`` holds the columns ascending and ``buf_vals[:m]`` the float32-rounded,
-    non-zero values (stored in float64, exactly). Old entries go first so that, after the stable sort,
-    a column on both sides is computed as ``alpha * old + (1 - alpha) * new``.
+    non-zero values (stored in float64, exactly) whose magnitude is at least ``tolerance`` times the row's
+    largest. Old entries go first so that, after the stable sort, a column on both sides is computed as
+    ``alpha * old + (1 - alpha) * new``.
     """
     beta = 1.0 - alpha
     p = 0
@@ -202,11 +204,24 @@ def _blend_row(indptr, indices, data, i, new_indptr, new_indices, new_data, r, a
             buf_cols[kept] = col
             buf_vals[kept] = value
             kept += 1
+    if tolerance > 0.0 and kept > 0:
+        largest = 0.0
+        for q in range(kept):
+            largest = max(largest, abs(buf_vals[q]))
+        floor = tolerance * largest
+        survivors = 0
+        for q in range(kept):
+            if abs(buf_vals[q]) >= floor:
+                buf_cols[survivors] = buf_cols[q]
+                buf_vals[survivors] = buf_vals[q]
+                survivors += 1
+        kept = survivors
     return kept
 
 
 @numba.njit(parallel=True, cache=True)
-def _merge_touched(indptr, indices, data, rows, new_indptr, new_indices, new_data, alpha, scratch_ptr):
+def _merge_touched(indptr, indices, data, rows, new_indptr, new_indices, new_data, alpha, tolerance,
+                   scratch_ptr):
     """Pass 1: blend every touched row into its own segment of a scratch buffer and count the survivors.
 
     Touched row ``r`` owns ``scratch_ptr[r]:scratch_ptr[r + 1]`` (room for its old plus new entries);
@@ -220,7 +235,7 @@ def _merge_touched(indptr, indices, data, rows, new_indptr, new_indices, new_dat
     for r in numba.prange(n_rows):
         start = scratch_ptr[r]
         counts[r] = _blend_row(
-            indptr, indices, data, rows[r], new_indptr, new_indices, new_data, r, alpha,
+            indptr, indices, data, rows[r], new_indptr, new_indices, new_data, r, alpha, tolerance,
             s_cols[start:], s_vals[start:],
         )
     return s_cols, s_vals, counts
@@ -302,7 +317,7 @@ def _sym_normalize(indptr, indices, data, degree, rows, out):
 # --------------------------------------------------------------------------------------------------
 
 
-def refine_rows(indptr, indices, data, rows, new_indptr, new_indices, new_data, alpha):
+def refine_rows(indptr, indices, data, rows, new_indptr, new_indices, new_data, alpha, tolerance=0.0):
     r"""Blend the rows of items missing a modality with newly built rows (DGMRec Eq. 16).
 
     For every target row :math:`i \in` ``rows`` and column :math:`j`:
@@ -320,6 +335,8 @@ def refine_rows(indptr, indices, data, rows, new_indptr, new_indices, new_data, 
        ``rows[r]`` (``[R+1]``, ``[nnz_new]``, ``[nnz_new]``).
     4. alpha : float in ``[0, 1]``, weight of the *old* row (the paper's alpha; a weight ``lam`` on the
        rebuilt graph is ``alpha = 1 - lam``).
+    5. tolerance : float in ``[0, 1)``; a blended entry whose magnitude is below ``tolerance`` times its
+       row's largest is dropped. 0 (default) keeps every non-zero entry: the dense maths of the reference.
 
     Returns
     -------
@@ -328,8 +345,14 @@ def refine_rows(indptr, indices, data, rows, new_indptr, new_indices, new_data, 
     Notes
     -----
     Touched rows come out canonical: columns ascending, duplicate columns (on either side) summed, and
-    entries whose float32 value is exactly 0.0 dropped. Hence ``alpha=1`` returns the old touched rows and
-    ``alpha=0`` the new rows (canonicalised). Values are blended in float64 and rounded once to float32.
+    entries whose float32 value is exactly 0.0 (or below the tolerance) dropped. Hence ``alpha=1`` returns
+    the old touched rows and ``alpha=0`` the new rows (canonicalised). Values are blended in float64 and
+    rounded once to float32.
+    Repeated calls grow a touched row by up to the new row's length each time: old entries decay by
+    ``alpha`` per call but never reach 0. A positive ``tolerance`` bounds that: if every new row carries
+    the row's largest weight, an entry from ``g`` calls ago weighs ``alpha^g`` of the newest and survives
+    only while ``alpha^g >= tolerance``, so a row keeps ``floor(ln tolerance / ln alpha) + 1`` calls'
+    worth of entries at most (10 at ``alpha=0.6, tolerance=0.01``).
     Cost: O(n + nnz) for the copy of the untouched rows, O(k log k) per touched row of k old + new
     entries (insertion sort for k <= 32), plus a scratch buffer of 16 bytes per old + new touched entry.
     Two Numba passes: blend + count the touched rows, then prefix-sum and fill the output.
@@ -354,11 +377,14 @@ def refine_rows(indptr, indices, data, rows, new_indptr, new_indices, new_data, 
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    tolerance = float(tolerance)
+    if not 0.0 <= tolerance < 1.0:
+        raise ValueError(f"tolerance must lie in [0, 1), got {tolerance}")
     room = (indptr[rows + 1] - indptr[rows]) + np.diff(new_indptr)
     scratch_ptr = np.zeros(rows.size + 1, dtype=np.int64)
     np.cumsum(room, out=scratch_ptr[1:])
     s_cols, s_vals, counts = _merge_touched(
-        indptr, indices, data, rows, new_indptr, new_indices, new_data, alpha, scratch_ptr
+        indptr, indices, data, rows, new_indptr, new_indices, new_data, alpha, tolerance, scratch_ptr
     )
     return _assemble(indptr, indices, data, rows, scratch_ptr, s_cols, s_vals, counts)
 

@@ -8,6 +8,7 @@ import torch
 
 from dgmrec_dgl.config import load_config
 from dgmrec_dgl.data import synthetic
+from dgmrec_dgl.errors import DataError
 from dgmrec_dgl.models import build_model
 from dgmrec_dgl.train import load_dataset, train
 
@@ -83,6 +84,24 @@ def test_refinement_changes_only_rows_of_missing_items_and_keeps_user_item_part(
                             for i in range(ds.n_items)])
         assert changed.any() and not changed[~lacking].any()
     assert torch.equal(g2.edges["interacts"].data["w"], g.edges["interacts"].data["w"])
+
+
+def test_refine_tolerance_bounds_the_refined_graphs_and_is_checked(toy_dir):
+    edges = {}
+    for tolerance in (0.0, 0.3):
+        config = toy_config(toy_dir)
+        config.model.refine_tolerance = tolerance
+        ds = load_dataset(config)
+        torch.manual_seed(0)
+        model = build_model(config, ds)
+        g = model.make_graph(ds)
+        for epoch in (2, 4, 6):
+            g, log = model.before_epoch(epoch, g, torch.Generator().manual_seed(epoch))
+        edges[tolerance] = log["knn_edges"]
+        assert log["knn_edges"] == {m: g.num_edges(f"knn_{m}") for m in ds.modalities}
+    assert all(edges[0.3][m] < edges[0.0][m] for m in edges[0.0])
+    with pytest.raises(DataError, match="model.refine_tolerance"):
+        load_config("configs/dgmrec/base.yaml", {"model": {"refine_tolerance": 1.0}})
 
 
 def test_training_learns_and_resume_gives_the_same_result(toy_dir, tmp_path):

@@ -125,6 +125,25 @@ def test_repeated_refinement_stays_valid(setup):
     np.testing.assert_array_equal(present_rows, s["norm"].to_scipy().toarray()[s["present"]])
 
 
+def test_tolerance_keeps_a_subset_of_the_union(setup):
+    s = setup
+    rng = np.random.default_rng(5)
+    full = pruned = s["norm"]
+    for step in range(4):   # fresh generated features each time: new neighbours join the rows
+        x = s["x_gen"].copy()
+        x[s["missing"]] = rng.standard_normal((s["missing"].size, x.shape[1])).astype(np.float32) + 0.3
+        full = refine_knn(full, x, s["missing"], 0.6, s["k"], degree=s["raw"].row_degree(), progress=False)
+        pruned = refine_knn(pruned, x, s["missing"], 0.6, s["k"], degree=s["raw"].row_degree(),
+                            tolerance=0.2, progress=False)
+    assert pruned.indptr[-1] < full.indptr[-1]
+    dense_full, dense_pruned = full.to_scipy().toarray(), pruned.to_scipy().toarray()
+    # an entry dropped and later rebuilt restarts from (1 - alpha) * new, so only the pattern is a subset
+    assert np.all(dense_full[dense_pruned != 0] != 0)
+    np.testing.assert_array_equal(dense_pruned[s["present"]], dense_full[s["present"]])
+    with pytest.raises(ValueError, match="tolerance must lie in"):
+        refine_knn(full, x, s["missing"], 0.6, s["k"], tolerance=1.0, progress=False)
+
+
 def test_bad_input(setup):
     s = setup
     with pytest.raises(ValueError, match="alpha"):

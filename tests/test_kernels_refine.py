@@ -139,6 +139,55 @@ def test_refine_rows_long_rows_match_reference(duplicates, dyadic, alpha):
         assert np.array_equal(got, want)
 
 
+@SETTINGS
+@given(refine_problems(duplicates=True), st.sampled_from([0.05, 0.3, 0.9]))
+def test_refine_rows_tolerance_equals_reference_and_only_drops_entries(problem, tolerance):
+    graph, rows, new, alpha = problem
+    out = refine_rows(*graph, rows, *new, alpha, tolerance)
+    ref = refine_rows_reference(*graph, rows, *new, alpha, tolerance)
+    for got, want in zip(out, ref):
+        assert np.array_equal(got, want)
+    full = refine_rows(*graph, rows, *new, alpha)
+    for i in rows:
+        cols, vals = _row(out, i)
+        full_cols, full_vals = _row(full, i)
+        assert set(cols.tolist()) <= set(full_cols.tolist())
+        if full_vals.size:
+            largest = np.abs(full_vals).max()
+            assert np.all(np.abs(vals) >= tolerance * largest)
+            assert np.abs(vals).max() == largest, "the row's largest entry always survives"
+
+
+def _refine_repeatedly(calls, k, alpha, tolerance):
+    """Refine row 0 ``calls`` times, each time with k fresh columns of weight 1; return its lengths.
+
+    The row starts as k columns of weight ``1 - alpha``, what one refinement gives a fresh column; the
+    other rows of the square graph are empty.
+    """
+    n = (calls + 1) * k
+    indptr = np.full(n + 1, k)
+    indptr[0] = 0
+    indices, data = np.arange(k), np.full(k, 1.0 - alpha, np.float32)
+    lengths = []
+    for call in range(1, calls + 1):
+        fresh = np.arange(call * k, (call + 1) * k)
+        indptr, indices, data = refine_rows(indptr, indices, data, [0], [0, k], fresh, np.ones(k), alpha,
+                                            tolerance)
+        lengths.append(int(indptr[1]))
+        assert indptr[-1] == indptr[1]
+    return lengths
+
+
+def test_refine_rows_tolerance_bounds_row_growth():
+    # Without a tolerance a row keeps every column it ever had: k more per refinement (Eq. 16 is a union).
+    assert _refine_repeatedly(15, 4, 0.6, 0.0) == [4 * (c + 1) for c in range(1, 16)]
+    # With alpha = 0.6 and tolerance 0.01 an entry from g calls ago weighs 0.6^g of the newest (after
+    # scaling): it survives for g <= 9, so the row stops growing at 10 generations of k columns.
+    lengths = _refine_repeatedly(15, 4, 0.6, 0.01)
+    assert lengths[:9] == [4 * (c + 1) for c in range(1, 10)]
+    assert lengths[9:] == [40] * 6
+
+
 def test_refine_rows_small_example():
     # 3 self-loops; item 2 misses the modality and gets edges from items 0 and 1.
     indptr, indices, data = np.arange(4), np.arange(3), np.ones(3, np.float32)
@@ -168,6 +217,8 @@ def test_refine_rows_coerces_dtypes_and_accepts_empty_rows():
         (dict(new_data=[1.0]), "new data has 1 entries"),
         (dict(alpha=1.5), "alpha must lie in"),
         (dict(alpha=float("nan")), "alpha must lie in"),
+        (dict(tolerance=1.0), "tolerance must lie in"),
+        (dict(tolerance=-0.1), "tolerance must lie in"),
         (dict(indptr=[0, 1, 1, 2]), "graph indptr\\[-1\\]"),
         (dict(indptr=[0, 2, 1, 3]), "non-decreasing"),
         (dict(indices=[0, 1, 7]), "graph indices must lie"),

@@ -61,8 +61,8 @@ def source_degree(graph: KnnGraph, features: np.ndarray, items, *, chunk_size: i
 
 
 def refine_knn(graph_norm: KnnGraph, features: np.ndarray, missing_rows, alpha: float, k: int, *,
-               sources: str = "present", present=None, degree=None, index: str = "auto",
-               chunk_size: int = DEFAULT_CHUNK, seed: int = 0, progress: bool = True,
+               sources: str = "present", present=None, degree=None, tolerance: float = 0.0,
+               index: str = "auto", chunk_size: int = DEFAULT_CHUNK, seed: int = 0, progress: bool = True,
                **search) -> KnnGraph:
     """One refinement step of a normalised modality graph (Eq. 16) on the rows of missing items.
 
@@ -76,7 +76,8 @@ def refine_knn(graph_norm: KnnGraph, features: np.ndarray, missing_rows, alpha: 
        the current features along j's current edges (:func:`source_degree`). A source that is itself a
        refined row (``sources="all"``) uses its new row sum, as in a rebuilt graph.
     3. Blend with the Numba kernel ``refine_rows``: row i <- alpha * old_i + (1 - alpha) * new_i (union
-       of entries); other rows are copied bit-identically.
+       of entries); other rows are copied bit-identically. The union grows row i by up to k entries per
+       call; ``tolerance > 0`` drops blended entries below that fraction of the row's largest.
 
     Args:
         graph_norm: current normalised graph [n_items, n_items].
@@ -89,6 +90,7 @@ def refine_knn(graph_norm: KnnGraph, features: np.ndarray, missing_rows, alpha: 
         present: bool [n_items], who has the modality (default: every item not in ``missing_rows``);
             with ``sources="present"`` only these items are indexed.
         degree: float64 [n_items] raw row sums of the source items, or None (see step 2).
+        tolerance: in [0, 1); 0 keeps every blended entry (the paper's maths).
         index, chunk_size, seed, progress, **search: passed to :func:`query_rows` (e.g. ``nprobe``).
 
     Returns:
@@ -158,5 +160,5 @@ def refine_knn(graph_norm: KnnGraph, features: np.ndarray, missing_rows, alpha: 
     new_norm = sym_normalize_rows(full_indptr, new.indices, new.weights, deg, rows)
 
     indptr, indices, weights = refine_rows(graph_norm.indptr, graph_norm.indices, graph_norm.weights, rows,
-                                           new.indptr, new.indices, new_norm, alpha)
+                                           new.indptr, new.indices, new_norm, alpha, tolerance)
     return KnnGraph(indptr, indices, weights)

@@ -212,6 +212,7 @@ class DGMRec(Recommender):
         if epoch > 0 and epoch % cfg.refresh_every == 0:
             g = self.refine_graphs(g)
             log["refined_rows"] = {m: int(len(r)) for m, r in self.refine_rows.items()}
+            log["knn_edges"] = {m: int(graph.indptr[-1]) for m, graph in self.knn.items()}
         return g, log
 
     def refine_graphs(self, g):
@@ -221,7 +222,7 @@ class DGMRec(Recommender):
             if len(rows) == 0:
                 continue
             self.knn[m] = refine_knn(self.knn[m], self.raw[m].detach().numpy(), rows, alpha=1.0 - cfg.avg_lambda,
-                                     k=cfg.knn_k, sources=cfg.refine_sources,
+                                     k=cfg.knn_k, sources=cfg.refine_sources, tolerance=cfg.refine_tolerance,
                                      present=self.present(m).numpy(), index=cfg.knn_index, progress=False)
             g = replace_knn_relation(g, m, self.knn[m])
         return g
