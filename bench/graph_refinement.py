@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dgmrec_dgl.io_utils import atomic_write_bytes, atomic_write_text
+
 SIZES = [7_050, 20_000, 50_000, 200_000, 1_000_000]
 DIMS = [384, 4096]
 QUICK_SIZES = [7_050, 20_000]
@@ -326,16 +328,8 @@ def pattern_recall(ref, got, rows, drop_self: bool) -> float:
 # ------------------------------------------------------------------------------------------------- driver
 
 
-def write_atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_results(rows: list[dict], meta: dict, out: Path):
-    write_atomic(out / "graph_refinement.json", json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
+    atomic_write_text(out / "graph_refinement.json", json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
     fields = ["n", "d", "stage", "dense_status", "dense_s", "dense_cpu_seconds", "dense_peak_rss_gb",
               "faiss_status", "faiss_s", "faiss_cpu_seconds",
               "faiss_peak_rss_gb", "faiss_rss_before_gb", "dense_rss_before_gb", "speedup", "recall_at_10",
@@ -345,7 +339,7 @@ def write_results(rows: list[dict], meta: dict, out: Path):
     w.writeheader()
     for r in rows:
         w.writerow(r)
-    write_atomic(out / "graph_refinement.csv", buf.getvalue())
+    atomic_write_text(out / "graph_refinement.csv", buf.getvalue())
     plot(rows, out / "graph_refinement.png")
 
 
@@ -379,10 +373,7 @@ def plot(rows: list[dict], path: Path):
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def fmt(v, spec="{:.2f}"):
