@@ -140,7 +140,7 @@ MEAN_INTERACTIONS = 20.0
 STAGES = ("generate", "load", "knn", "lightgcn_epoch", "dgmrec_epoch", "refine", "evaluate")
 DEPENDS = {"load": "generate", "knn": "load", "lightgcn_epoch": "load", "dgmrec_epoch": "knn",
            "refine": "dgmrec_epoch", "evaluate": "dgmrec_epoch"}
-EXECUTIONS = ("full", "blocks", "auto")
+EXECUTIONS = ("full", "blocks", "sampled", "auto")
 RESULTS = Path(__file__).resolve().parent / "results"
 GB = 1024 ** 3
 EXIT_MEMORY = 75          # the RSS thread's exit status when the process passes its memory limit
@@ -230,7 +230,7 @@ def estimate_gb(stage: str, shape: dict, dims: dict[str, int], mode: str = "full
     elif stage in ("dgmrec_epoch", "refine", "evaluate"):
         # refinement and evaluation run after the training steps and need less than they did; the dataset's
         # feature matrices are released once the model holds its float32 copies (counted per item x dim)
-        key = "dgmrec_blocks" if mode == "blocks" else "dgmrec"
+        key = "dgmrec_blocks" if mode in ("blocks", "sampled") else "dgmrec"
         need = (kept - n * total_dim * itemsize + graphs
                 + MEM[f"{key}_per_node"] * (n + u) + MEM[f"{key}_per_interaction"] * train
                 + MEM[f"{key}_per_item_dim"] * n * total_dim)
@@ -240,7 +240,7 @@ def estimate_gb(stage: str, shape: dict, dims: dict[str, int], mode: str = "full
 
 
 def training_mode(execution: str, n_items: int) -> str:
-    """``full`` or ``blocks``: what ``execution`` selects for DGMRec on ``n_items`` items (as the config does)."""
+    """``full``, ``blocks`` or ``sampled``: what ``execution`` selects for DGMRec on ``n_items`` items."""
     from dgmrec_dgl.config import DGMRecConfig, resolve_execution
 
     return resolve_execution(DGMRecConfig(execution=execution), n_items)
@@ -480,13 +480,16 @@ def _mode(model) -> str:
 
 
 def _train_epoch(model, dataset, config, spec: dict, rec: dict, before_epoch: bool):
-    """One epoch the trainer's way: fixed steps + extrapolation, or a full measured epoch (see docstring).
+    """One epoch the trainer's way: a whole measured epoch, or fixed steps + extrapolation (see docstring).
 
-    Fills ``rec`` (seconds, kind and the terms) and returns the graph (``before_epoch`` may replace it).
+    Every step is :func:`dgmrec_dgl.train.training_step` on the batches of
+    :func:`dgmrec_dgl.train.epoch_batches`, as in training. Fills ``rec`` (seconds, kind and the terms) and
+    returns the graph (``before_epoch`` may replace it).
     """
     import torch
+    from tqdm import tqdm
 
-    from dgmrec_dgl.train import main_optimizer
+    from dgmrec_dgl.train import epoch_batches, main_optimizer, training_step
     from kernels.sampling import bpr_triples
 
     tcfg = config.train
@@ -496,52 +499,68 @@ def _train_epoch(model, dataset, config, spec: dict, rec: dict, before_epoch: bo
     train_csr = dataset.train_matrix()
     generator = torch.Generator().manual_seed(tcfg.seed)
     rec["graph_setup_s"] = time.perf_counter() - t0
+    mode = _mode(model)
     model.train()
 
-    def sample(epoch):
-        t, c = time.perf_counter(), cpu_seconds()
-        triples = [torch.from_numpy(a) for a in bpr_triples(train_csr.indptr, train_csr.indices, dataset.n_items,
-                                                             tcfg.seed * 100003 + epoch)]
-        return triples, time.perf_counter() - t, cpu_seconds() - c
-
-    def step(users, pos, neg, sl):
-        t, c = time.perf_counter(), cpu_seconds()
-        loss, _ = model.loss(*model.batch_forward(g, users[sl], pos[sl], neg[sl]), generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return time.perf_counter() - t, cpu_seconds() - c
-
-    before_s = before_cpu = 0.0
-    if before_epoch:
-        t, c = time.perf_counter(), cpu_seconds()
-        g, log = model.before_epoch(0, g, generator)
-        before_s, before_cpu = time.perf_counter() - t, cpu_seconds() - c
-        rec["before_epoch_log"] = {k: v for k, v in log.items() if k != "club_nll"}
-    (users, pos, neg), sampling_s, sampling_cpu = sample(0)
-    batch = tcfg.batch_size
-    n_batches = math.ceil(len(users) / batch)
-    n_steps = min(spec["steps"], n_batches - 1)
-    times = [step(users, pos, neg, slice(i * batch, (i + 1) * batch)) for i in range(1 + n_steps)]
-    warmup, timed = times[0], times[1:] or times
-    median = statistics.median(t for t, _ in timed)
-    median_cpu = statistics.median(c for _, c in timed)
-    projected = before_s + sampling_s + n_batches * median
-    projected_cpu = before_cpu + sampling_cpu + n_batches * median_cpu
-    rec.update(before_epoch_s=before_s, before_epoch_cpu_s=before_cpu, sampling_s=sampling_s,
-               sampling_cpu_s=sampling_cpu, warmup_step_s=warmup[0], step_s=[t for t, _ in timed],
-               step_cpu_s=[c for _, c in timed], median_step_s=median, median_step_cpu_s=median_cpu,
-               steps_per_epoch=n_batches, batch_size=batch, n_train=len(users), projected_epoch_s=projected,
-               projected_epoch_cpu_s=projected_cpu)
-    if projected <= spec["full_epoch_budget"]:
+    def run(epoch: int, n_steps: int | None = None) -> dict:
+        """``before_epoch`` (if asked), the epoch's triples, then its steps (the first ``n_steps`` only)."""
+        nonlocal g
+        out = {"before_epoch_s": 0.0, "before_epoch_cpu_s": 0.0}
         t, c = time.perf_counter(), cpu_seconds()
         if before_epoch:
-            g, _ = model.before_epoch(1, g, generator)   # epoch 1: no refinement (refresh_every 5)
-        (users, pos, neg), _, _ = sample(1)
-        for i in range(n_batches):
-            step(users, pos, neg, slice(i * batch, (i + 1) * batch))
-        rec["seconds"], rec["cpu_seconds"] = time.perf_counter() - t, cpu_seconds() - c
-        rec["kind"] = "measured"
+            g, log = model.before_epoch(epoch, g, generator)
+            out.update(before_epoch_s=time.perf_counter() - t, before_epoch_cpu_s=cpu_seconds() - c,
+                       before_epoch_log={k: v for k, v in log.items() if k != "club_nll"})
+        ts, cs = time.perf_counter(), cpu_seconds()
+        triples = tuple(torch.from_numpy(a) for a in bpr_triples(train_csr.indptr, train_csr.indices,
+                                                                  dataset.n_items, tcfg.seed * 100003 + epoch))
+        out.update(sampling_s=time.perf_counter() - ts, sampling_cpu_s=cpu_seconds() - cs,
+                   steps_per_epoch=math.ceil(len(triples[0]) / tcfg.batch_size), n_train=len(triples[0]))
+        timing: dict = {}
+        steps = []
+        batches = epoch_batches(model, g, triples, tcfg.batch_size, tcfg.seed, epoch, ahead=spec["sample_ahead"],
+                                timing=timing)
+        total = out["steps_per_epoch"] if n_steps is None else n_steps
+        for batch in tqdm(itertools.islice(batches, n_steps), total=total, desc=f"{spec['n']:,} items, epoch",
+                          mininterval=60, disable=total < 200, file=sys.stderr):
+            t1, c1 = time.perf_counter(), cpu_seconds()
+            training_step(model, g, batch, optimizer, generator)
+            steps.append((time.perf_counter() - t1, cpu_seconds() - c1))
+        batches.close()
+        out.update(seconds=time.perf_counter() - t, cpu_seconds=cpu_seconds() - c, steps=len(steps),
+                   step_s=[a for a, _ in steps], step_cpu_s=[b for _, b in steps],
+                   sampler_busy_s=timing["sample"], step_wait_s=timing["wait"])
+        return out
+
+    if mode == "sampled":     # always a whole epoch, measured
+        r = run(0)
+        step_s = r.pop("step_s")
+        r.pop("step_cpu_s")
+        compute = sum(step_s)
+        rec.update(r, kind="measured", batch_size=tcfg.batch_size, sample_ahead=spec["sample_ahead"],
+                   median_step_s=statistics.median(step_s), p90_step_s=float(np.percentile(step_s, 90)),
+                   steps_per_s=r["steps"] / (compute + r["step_wait_s"]), step_compute_s=compute,
+                   sampling_share=r["sampler_busy_s"] / r["seconds"],
+                   compute_share=compute / r["seconds"], wait_share=r["step_wait_s"] / r["seconds"])
+        return g
+    first = run(0, 1 + spec["steps"])
+    warmup, timed = (first["step_s"][0], first["step_cpu_s"][0]), list(zip(first["step_s"], first["step_cpu_s"]))[1:]
+    timed = timed or [warmup]
+    median = statistics.median(t for t, _ in timed)
+    median_cpu = statistics.median(c for _, c in timed)
+    n_batches = first["steps_per_epoch"]
+    projected = first["before_epoch_s"] + first["sampling_s"] + n_batches * median
+    projected_cpu = first["before_epoch_cpu_s"] + first["sampling_cpu_s"] + n_batches * median_cpu
+    rec.update(before_epoch_s=first["before_epoch_s"], before_epoch_cpu_s=first["before_epoch_cpu_s"],
+               sampling_s=first["sampling_s"], sampling_cpu_s=first["sampling_cpu_s"], warmup_step_s=warmup[0],
+               step_s=[t for t, _ in timed], step_cpu_s=[c for _, c in timed], median_step_s=median,
+               median_step_cpu_s=median_cpu, steps_per_epoch=n_batches, batch_size=tcfg.batch_size,
+               n_train=first["n_train"], projected_epoch_s=projected, projected_epoch_cpu_s=projected_cpu)
+    if "before_epoch_log" in first:
+        rec["before_epoch_log"] = first["before_epoch_log"]
+    if projected <= spec["full_epoch_budget"]:
+        whole = run(1)     # epoch 1: no refinement (refresh_every 5)
+        rec["seconds"], rec["cpu_seconds"], rec["kind"] = whole["seconds"], whole["cpu_seconds"], "measured"
     else:
         rec["seconds"], rec["cpu_seconds"] = projected, projected_cpu
         rec["kind"] = "extrapolated"
@@ -961,7 +980,9 @@ def main(argv=None) -> int:
                    help=f"comma-separated subset of {','.join(STAGES)}; the stages they depend on run too, "
                         "and the rows of the others are kept from earlier runs")
     p.add_argument("--execution", default="auto", choices=EXECUTIONS,
-                   help="model.execution of both models (auto: DGMRec in blocks mode from blocks_min_items items on)")
+                   help="model.execution of both models (auto: sampled mode from sampled_min_items items on)")
+    p.add_argument("--sample-ahead", type=int, default=2,
+                   help="sampled mode: batches drawn ahead of the step by the sampler thread (0: no overlap)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--missing-ratio", default="2/3")
     p.add_argument("--mask-seed", type=int, default=2024)
@@ -1004,7 +1025,8 @@ def main(argv=None) -> int:
         env["NUMBA_NUM_THREADS"] = str(args.threads)
     vm = psutil.virtual_memory()
     stages = with_dependencies(args.stages)
-    meta = dict(sizes=sizes, stages=stages, execution=args.execution, reuse_data=args.reuse_data, dims=DIMS,
+    meta = dict(sizes=sizes, stages=stages, execution=args.execution, sample_ahead=args.sample_ahead,
+                reuse_data=args.reuse_data, dims=DIMS,
                 users_per_item=USERS_PER_ITEM, mean_interactions=MEAN_INTERACTIONS,
                 missing_ratio=args.missing_ratio, feature_dtype_on_disk="float16", feature_dtype=args.feature_dtype,
                 reduce=args.reduce, reduce_dims=args.reduce_dims, steps=args.steps, warmup_steps=1,
@@ -1038,7 +1060,8 @@ def main(argv=None) -> int:
                         feature_dtype=args.feature_dtype, reduce_dims=reduce_dims, dims=dims,
                         shape=nominal_shape(n), steps=args.steps, full_epoch_budget=args.full_epoch_budget,
                         eval_sample=args.eval_sample, eval_budget=args.eval_budget, threads=args.threads,
-                        execution=args.execution, stages=stages, ignore_estimates=args.ignore_estimates)
+                        execution=args.execution, stages=stages, ignore_estimates=args.ignore_estimates,
+                        sample_ahead=args.sample_ahead)
             print(f"[{time.time() - t_start:7.1f}s] {n:,} items: trained at {width_label(tuple(dims.values()))}"
                   + (f" (PCA, reduce_dims={reduce_dims})" if reduce_dims else " (full width)")
                   + f", stages {','.join(stages)}", flush=True)

@@ -67,8 +67,14 @@ class TrainConfig:
     # mapping large tensors afresh (and zero-filling new pages) on every step. Faster steps, higher RSS
     # (DGMRec, baby-shaped data: 43.4-44.4 -> 37.2-38.4 s/epoch, peak 2.24 -> 2.78 GB). See dgmrec_dgl.train.
     keep_freed_memory: bool = False
+    # Sampled mode: batches drawn ahead of the step by a background thread (0: draw each batch after the
+    # previous step, no overlap). See dgmrec_dgl.train.epoch_batches.
+    sample_ahead: int = 2
 
     def __setattr__(self, name, value):
+        if name == "sample_ahead" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise DataError("config", "train.sample_ahead", f"must be an integer >= 0, got {value!r}",
+                            "write train.sample_ahead: 2 (or 0 to sample without overlap)")
         if name == "precision" and value not in PRECISIONS:
             raise DataError("config", "train.precision", f"unknown precision {value!r}",
                             f"use one of: {', '.join(PRECISIONS)}")
@@ -83,32 +89,53 @@ class EvalConfig:
     ks: tuple[int, ...] = (10, 20, 50)
     budget_mb: int = 256               # memory for one chunk of scores
     select_metric: str = "recall@20"
+    # validations during training rank for a seeded sample of this many valid users (0: all of them); the
+    # test of the best model always ranks every test user
+    user_sample: int = 0
+
+    def __setattr__(self, name, value):
+        if name == "user_sample" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise DataError("config", "eval.user_sample", f"must be an integer >= 0, got {value!r}",
+                            "write eval.user_sample: 20000 (or 0 for every valid user)")
+        super().__setattr__(name, value)
 
 
-EXECUTIONS = ("full", "blocks", "auto")
-#: ``execution: auto`` trains in blocks mode from this many items on. One DGMRec training step on synthetic
-#: data (batch 2048, image 4096-d + text 384-d, 2/3 missing, n_mm_layers 1, 2 threads; median of 5-8 steps,
-#: two runs each), seconds full -> blocks, peak RSS during the steps in GB:
-#:     7,066 items (baby preset)      0.64-0.67 -> 0.64-0.72   2.2 -> 2.2
-#:    18,553 items (sports preset)    1.39-1.45 -> 1.24-1.29   3.8 -> 3.6
-#:    50,000 items (100K users)       4.35-4.45 -> 3.92-3.98   7.7-8.0 -> 7.4
-#:   200,000 items (image 256-d)      9.40-9.79 -> 4.05-4.07   7.3 -> 6.3
-#: Blocks mode breaks even between 7K and 19K items; the default sits above the largest reference catalog
-#: (Clothing, 23,033 items), so `auto` keeps the all-item reconstruction loss on every reference-sized dataset.
-BLOCKS_MIN_ITEMS = 25_000
+EXECUTIONS = ("full", "blocks", "sampled", "auto")
+#: ``execution: auto`` trains in sampled mode from this many items on (``sampled_min_items``), in full mode
+#: below. The default sits above the largest reference catalog (Clothing, 23,033 items), so `auto` keeps the
+#: reference's maths on every reference-sized dataset. Measured, one DGMRec step in full mode (batch 2048,
+#: image 4096-d + text 384-d, 2/3 missing, 2 threads): 0.64-0.67 s at 7,066 items, 1.39-1.45 s at 18,553,
+#: 4.35-4.45 s at 50,000 (an epoch there: ~2,100 s); the sampled step's cost does not grow with the catalog
+#: (README, "Large catalogs").
+SAMPLED_MIN_ITEMS = 25_000
+#: keys renamed since runs were recorded: an old run's config.yaml still loads (``compare`` reuses it)
+RENAMED_KEYS = {"model.blocks_min_items": "sampled_min_items"}
+
+
+def _positive_ints(key: str, value, example: str) -> None:
+    if (not isinstance(value, (list, tuple))
+            or not all(isinstance(v, int) and not isinstance(v, bool) and (v > 0 or v == -1) for v in value)):
+        raise DataError("config", key, f"must be a list of integers >= 1 (or -1 for every neighbour), "
+                        f"got {value!r}", f"write {key}: {example}")
 
 
 def _check_execution(name: str, value) -> None:
     if name == "execution" and value not in EXECUTIONS:
         raise DataError("config", "model.execution", f"unknown execution mode {value!r}",
                         f"use one of: {', '.join(EXECUTIONS)}")
-    if name == "blocks_min_items" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-        raise DataError("config", "model.blocks_min_items", f"must be an integer >= 0, got {value!r}",
-                        "give model.blocks_min_items a catalog size, e.g. 20000")
+    if name == "sampled_min_items" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise DataError("config", "model.sampled_min_items", f"must be an integer >= 0, got {value!r}",
+                        "give model.sampled_min_items a catalog size, e.g. 25000")
+    if name == "fanouts":
+        _positive_ints("model.fanouts", value, "[10, 10, 10] (one per layer, input layer first)")
+    if name in ("user_items_sample", "item_users_sample") and (
+            not isinstance(value, int) or isinstance(value, bool) or not (value > 0 or value == -1)):
+        raise DataError("config", f"model.{name}", f"must be an integer >= 1 (or -1 for all), got {value!r}",
+                        f"write model.{name}: 20")
 
 
 class _ChecksExecution:
-    """Base of the model configs with ``execution``: the field and ``blocks_min_items`` are checked on assignment."""
+    """Base of the model configs with ``execution``: the sampled-mode keys are checked on assignment."""
 
     def __setattr__(self, name, value):
         _check_execution(name, value)
@@ -116,10 +143,31 @@ class _ChecksExecution:
 
 
 def resolve_execution(config, n_items: int) -> str:
-    """``full`` or ``blocks``: the mode ``config.execution`` selects for a catalog of ``n_items`` items."""
+    """``full``, ``blocks`` or ``sampled``: the mode ``config.execution`` selects for ``n_items`` items."""
     if config.execution == "auto":
-        return "blocks" if n_items >= config.blocks_min_items else "full"
+        return "sampled" if n_items >= config.sampled_min_items else "full"
     return config.execution
+
+
+#: fanout of every user-item layer when ``model.fanouts`` is left empty
+DEFAULT_FANOUT = 10
+
+
+def layer_fanouts(config) -> list[int]:
+    """The fanout of each user–item layer (input layer first): ``config.fanouts``, or 10 for every layer."""
+    n_layers = config.n_ui_layers if hasattr(config, "n_ui_layers") else config.n_layers
+    return list(config.fanouts) or [DEFAULT_FANOUT] * n_layers
+
+
+def _check_fanouts(source: str, model) -> None:
+    """``model.fanouts``, when given, must have one entry per propagation layer."""
+    if not getattr(model, "fanouts", ()):
+        return
+    key = "n_ui_layers" if hasattr(model, "n_ui_layers") else "n_layers"
+    n_layers = getattr(model, key)
+    if len(model.fanouts) != n_layers:
+        raise DataError(source, "model.fanouts", f"has {len(model.fanouts)} entries but model.{key} is {n_layers}",
+                        f"give one fanout per layer (input layer first), e.g. fanouts: {[10] * n_layers}")
 
 
 @dataclass
@@ -159,9 +207,20 @@ class DGMRecConfig(_ChecksExecution):
     knn_index: str = "auto"
     # How a training step computes what its loss reads (README, "Large catalogs: model.execution"): full
     # (the whole graph every step), blocks (the modality branch only for the batch's items, on exact DGL
-    # blocks; recon over those items) or auto (blocks when n_items >= blocks_min_items).
+    # blocks; recon over those items), sampled (everything on blocks drawn by DGL's neighbour samplers; an
+    # approximation) or auto (sampled when n_items >= sampled_min_items, else full).
     execution: str = "auto"
-    blocks_min_items: int = BLOCKS_MIN_ITEMS
+    sampled_min_items: int = SAMPLED_MIN_ITEMS
+    # Sampled mode only. fanouts: neighbours drawn per node and user-item layer (DGL's order: input layer
+    # first; -1 = all), one per n_ui_layers (empty: 10 each). user_items_sample: train items per batch user averaged in the
+    # user features (Eq. 6); item_users_sample: users per item averaged in its preference (Eq. 2).
+    fanouts: tuple[int, ...] = ()
+    user_items_sample: int = 20
+    item_users_sample: int = 20
+    # Sampled mode only: the modality features of items outside the batch's positives and negatives come
+    # from a table refreshed every history_refresh steps (historical embeddings), so a step encodes only
+    # its own items; 0 re-encodes the step's whole receptive field (README, "Large catalogs").
+    history_refresh: int = 0
 
     def __setattr__(self, name, value):
         if name == "refine_tolerance" and not 0.0 <= value < 1.0:
@@ -171,12 +230,16 @@ class DGMRecConfig(_ChecksExecution):
 
 
 @dataclass
-class MFBPRConfig:
+class MFBPRConfig(_ChecksExecution):
     """MF-BPR (Rendle et al. 2009) as in MMRec: ID tables scored by inner product."""
 
     name: str = "mfbpr"
     embedding_dim: int = 64
     reg: float = 1e-4                  # L2 on the batch's embeddings: reg · (‖e_u‖ + ‖e_i+‖ + ‖e_i−‖) / B
+    # sampled: a step reads and updates only its rows (row-sparse gradients, lazy Adam); auto: sampled
+    # from sampled_min_items items on; blocks is full here. No graph, so the gradients are the full mode's.
+    execution: str = "auto"
+    sampled_min_items: int = SAMPLED_MIN_ITEMS
 
 
 @dataclass
@@ -187,10 +250,12 @@ class LightGCNConfig(_ChecksExecution):
     embedding_dim: int = 64
     n_layers: int = 3
     reg: float = 1e-4                  # L2 on the batch's layer-0 embeddings, as reg_weight in MMRec
-    # Accepted for symmetry with DGMRec; every mode runs the exact per-step full-graph pass (a 3-hop block
-    # from a 2,048-triple batch already spans the whole graph, see dgmrec_dgl.models.lightgcn_rec).
+    # full (and blocks, which is the same here: a 3-hop block from a 2,048-triple batch already spans the
+    # whole graph, see dgmrec_dgl.models.lightgcn_rec), sampled (DGL neighbour-sampled blocks, fanouts per
+    # layer, input layer first, -1 = all; empty: 10 each) or auto (sampled from sampled_min_items items on).
     execution: str = "auto"
-    blocks_min_items: int = BLOCKS_MIN_ITEMS
+    sampled_min_items: int = SAMPLED_MIN_ITEMS
+    fanouts: tuple[int, ...] = ()
 
 
 @dataclass
@@ -217,6 +282,16 @@ class CI2MGConfig:
     rec_weight: float = 1.0            # weight of L_rec (fixed at 1 in the release)
     bpr_weight: float = 1.0            # release lamb_2 on L_BPR
     reg: float = 0.0                   # lambda_3 of Eq. 15 on the batch's ID embeddings (release: none)
+    # full only: the hypergraph (Eq. 4-5) and the optimal-transport plan (Eq. 7) couple every item with every
+    # prototype and every other item in each step, so neither restricts to a sampled batch
+    execution: str = "full"
+
+    def __setattr__(self, name, value):
+        if name == "execution" and value != "full":
+            raise DataError("config", "model.execution", f"ci2mg trains only in full mode, got {value!r} (its "
+                            "hypergraph and transport plan couple every item in each step)",
+                            "remove model.execution or set it to full; for large catalogs use dgmrec or lightgcn")
+        super().__setattr__(name, value)
 
 
 MODEL_CONFIGS = {"dgmrec": DGMRecConfig, "mfbpr": MFBPRConfig, "lightgcn": LightGCNConfig,
@@ -265,6 +340,7 @@ def _update(path: str, section: str, target, values: dict):
     hints = typing.get_type_hints(type(target))
     names = {f.name for f in dataclasses.fields(target)}
     for key, value in values.items():
+        key = RENAMED_KEYS.get(f"{section}.{key}", key)
         if key not in names:
             raise DataError(path, f"{section}.{key}", "unknown key",
                             f"use one of: {', '.join(sorted(names))}")
@@ -318,11 +394,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
             if key not in ("data", "train", "eval", "model"):
                 raise DataError(source, key, "unknown section", "use the sections data, train, eval, model")
             _update(source, key, getattr(config, key), value or {})
+    _check_fanouts(layers[-1][0] if layers else "config", config.model)
     return config
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically."""
-    data = config.to_dict()
-    data["eval"]["ks"] = list(data["eval"]["ks"])
+    def plain(value):       # YAML's safe dumper takes lists, not tuples (eval.ks, model.fanouts)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    data = plain(config.to_dict())
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))

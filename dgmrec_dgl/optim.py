@@ -1,4 +1,4 @@
-"""Adam that also takes row-sparse gradients, with dense Adam's maths.
+"""Adam that also takes row-sparse gradients: with dense Adam's maths, or lazily (only the rows a step read).
 
 In blocks mode (:mod:`dgmrec_dgl.graphs.blocks`) a training step reads only the raw-feature rows of the
 batch's items, so the gradient of a trainable raw table ``[n_items, d_m]`` is zero on every other row. Autograd
@@ -14,6 +14,16 @@ the same fused kernel ``torch.optim.Adam(fused=True)`` runs on a whole tensor, w
 kernel is element-wise, so the result equals dense Adam on the dense gradient (tested bit for bit), while at
 most one ``[chunk_rows, d_m]`` gradient slice exists at a time. Dense gradients take the usual fused path;
 the optimiser state has Adam's layout, so checkpoints load either way.
+
+``lazy=True`` (sampled mode) is the other choice, the one ``torch.optim.SparseAdam`` and DGL's sparse
+optimisers make: a sparse gradient updates only its listed rows, whose moments and parameters go through
+the same fused kernel gathered as a ``[n_rows, d_m]`` block and are scattered back; every other row keeps
+its moments and its value. The bias correction uses the parameter's step count (one per step in which it
+had a gradient), as SparseAdam does. A sampled step at 1M items reads a few hundred thousand rows of tables
+of ~2M user rows and ~1M item rows of width up to 384, so the dense maths would pass over all of them three
+times per step; the lazy one touches what the step read. It is a different optimiser (a row unread for a
+while keeps its stale momentum), which is part of what sampled mode approximates. Weight decay, if set,
+applies to the listed rows only.
 """
 
 from __future__ import annotations
@@ -29,16 +39,18 @@ class RowSparseAdam(torch.optim.Adam):
     Args:
         params: parameters or parameter groups, as for ``torch.optim.Adam``.
         chunk_rows: rows per chunk of the dense update behind a sparse gradient.
+        lazy: update only the rows a sparse gradient lists (see the module docstring).
         **kwargs: ``lr``, ``betas``, ``eps``, ``weight_decay``, ... of ``torch.optim.Adam`` (not ``amsgrad``).
     """
 
-    def __init__(self, params, chunk_rows: int = 65_536, **kwargs):
+    def __init__(self, params, chunk_rows: int = 65_536, lazy: bool = False, **kwargs):
         if kwargs.get("amsgrad"):
             raise ValueError("RowSparseAdam does not support amsgrad")
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
         super().__init__(params, fused=True, **kwargs)
         self.chunk_rows = chunk_rows
+        self.lazy = lazy
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -70,6 +82,16 @@ class RowSparseAdam(torch.optim.Adam):
         rows, values = grad.indices()[0], grad.values()          # sorted, unique rows; values [nnz, ...]
         step = state["step"] + 1
         kernel = torch._fused_adamw_ if group.get("decoupled_weight_decay") else torch._fused_adam_
+        options = dict(amsgrad=False, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                       weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+                       grad_scale=None, found_inf=None)
+        if self.lazy:
+            blocks = [torch.index_select(t, 0, rows) for t in (p, state["exp_avg"], state["exp_avg_sq"])]
+            kernel([blocks[0]], [values.contiguous()], [blocks[1]], [blocks[2]], [], [step], **options)
+            for t, block in zip((p, state["exp_avg"], state["exp_avg_sq"]), blocks):
+                t.index_copy_(0, rows, block)
+            state["step"] = step
+            return
         n = p.shape[0]
         starts = torch.arange(0, n + self.chunk_rows, self.chunk_rows, device=rows.device).clamp_(max=n)
         bounds = torch.searchsorted(rows, starts).tolist()
@@ -81,7 +103,5 @@ class RowSparseAdam(torch.optim.Adam):
             lo, hi = bounds[c], bounds[c + 1]
             dense[rows[lo:hi] - start] = values[lo:hi]
             kernel([p[start:stop]], [dense], [state["exp_avg"][start:stop]], [state["exp_avg_sq"][start:stop]],
-                   [], [step], amsgrad=False, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
-                   weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-                   grad_scale=None, found_inf=None)
+                   [], [step], **options)
         state["step"] = step

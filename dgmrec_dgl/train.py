@@ -21,6 +21,8 @@ averaged; rank 0 alone evaluates and writes the run folder).
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import ctypes
 import json
@@ -30,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import numba
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -44,8 +47,9 @@ from .errors import DataError
 from .evaluate import evaluate
 from .inject import apply_injection
 from .io_utils import atomic_path, atomic_write_json
+from .graphs.sampling import dgl_threads, seed_sampling
 from .models import build_model
-from .models.base import Recommender
+from .models.base import Batch, Recommender
 from .optim import RowSparseAdam
 
 
@@ -85,6 +89,31 @@ class RunState:
     stopped: bool = False
 
 
+@dataclass
+class Session:
+    """Everything a run trains with, built once by :func:`_setup` and passed to the loop's pieces."""
+
+    config: Config
+    out_dir: str
+    world: distributed.World
+    dataset: Dataset
+    model: Recommender
+    g: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    auxiliary: torch.optim.Optimizer | None
+    generator: torch.Generator
+    step_precision: object
+    state: RunState
+
+    @property
+    def main(self) -> bool:
+        return self.world.is_main
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out_dir, name)
+
+
 def _save(path, **payload):
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(payload, tmp)
@@ -93,6 +122,87 @@ def _save(path, **payload):
 def _lr_factor(config: Config):
     t = config.train
     return lambda epoch: t.lr_decay ** (epoch / t.lr_decay_every)
+
+
+# ---------------------------------------------------------------------- the step
+def training_step(model: Recommender, g, batch: Batch, optimizer: torch.optim.Optimizer,
+                  generator: torch.Generator | None, precision=contextlib.nullcontext, *,
+                  loss_weight: float = 1.0, sync=None) -> dict[str, float]:
+    """One step of the main optimiser on ``batch``: the training step of every mode, and of the benchmarks.
+
+    Full, blocks and sampled mode differ in the batch they feed it (:meth:`Recommender.sample_batch`); the
+    data-parallel trainer weights its shard's loss (``loss_weight``) and all-reduces the gradients between
+    backward and the optimiser step (``sync``). Returns the loss parts (unweighted) as floats.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    with precision():
+        loss, parts = model.loss(*model.batch_forward(g, batch), generator)
+    (loss if loss_weight == 1.0 else loss * loss_weight).backward()
+    if sync is not None:
+        sync()
+    optimizer.step()
+    return parts
+
+
+def batch_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of DGL's sampler for batch ``index`` of ``epoch`` (independent of where it is sampled)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def _on_sampler_thread():
+    """The first call makes this thread DGL's sampler thread: its kernels on one OpenMP thread (see below)."""
+    dgl_threads(1)
+
+
+#: The one thread every sampled batch is drawn on, for the life of the process. DGL's random engine seeds a
+#: thread with ``seed + n``, n numbering threads in the order they first draw, and its kernels hand rows to
+#: OpenMP threads in whatever order they run; one persistent thread, on one OpenMP thread, makes a batch's
+#: draw depend only on its seed (:func:`batch_seed`).
+_SAMPLER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-sampler",
+                                                 initializer=_on_sampler_thread)
+
+
+def epoch_batches(model: Recommender, g, triples, batch_size: int, seed: int, epoch: int, *, ahead: int = 2,
+                  timing: dict | None = None):
+    """The epoch's :class:`Batch` es, in order: ``model.sample_batch`` on each slice of ``triples``.
+
+    In sampled mode the batches are drawn on the sampler thread (DGL's samplers release the GIL), up to
+    ``ahead`` batches ahead of the step that consumes them, so sampling overlaps the compute; ``ahead=0``
+    draws each batch only once the previous step has finished (no overlap; for measuring). Other modes
+    draw nothing worth a thread and build the batches inline. ``timing`` (if given) receives ``sample``
+    (seconds the sampler worked) and ``wait`` (seconds the step waited for a batch).
+    """
+    users, pos, neg = triples
+    starts = list(range(0, len(users), batch_size))
+    timing = {} if timing is None else timing
+    timing.setdefault("sample", 0.0)
+    timing.setdefault("wait", 0.0)
+
+    def make(i: int) -> Batch:
+        t = time.perf_counter()
+        seed_sampling(batch_seed(seed, epoch, i))
+        sl = slice(starts[i], starts[i] + batch_size)
+        batch = model.sample_batch(g, users[sl], pos[sl], neg[sl])
+        timing["sample"] += time.perf_counter() - t
+        return batch
+
+    if model.execution() != "sampled":
+        for i in range(len(starts)):
+            yield make(i)
+        return
+    pending = collections.deque(_SAMPLER.submit(make, i) for i in range(min(ahead, len(starts))))
+    try:
+        for i in range(len(starts)):
+            if i + ahead < len(starts):
+                pending.append(_SAMPLER.submit(make, i + ahead))
+            t = time.perf_counter()
+            batch = pending.popleft().result()
+            timing["wait"] += time.perf_counter() - t
+            yield batch
+    finally:
+        for future in pending:
+            future.cancel()
+        concurrent.futures.wait(pending)
 
 
 # ---------------------------------------------------------------------- training
@@ -104,17 +214,55 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
         config: the resolved configuration.
         out_dir: run folder (config.yaml, log.jsonl, last.pt, best.pt, metrics.json).
         resume: continue from ``out_dir/last.pt`` when it exists.
-        progress: tqdm bar.
+        progress: tqdm bars (epochs; steps within a long epoch; long evaluations).
         max_epochs: stop after this many epochs of this call (to test resuming).
     """
+    t_start = time.perf_counter()
+    s = _setup(config, out_dir)
+    _restore(s, resume)
+    setup_seconds = time.perf_counter() - t_start
+    tcfg = config.train
+    run_epochs = 0
+    bar = tqdm(range(s.state.epoch, tcfg.epochs), desc=config.model.name, disable=not (progress and s.main),
+               initial=s.state.epoch, total=tcfg.epochs)
+    for epoch in bar:
+        if s.state.stopped or (max_epochs is not None and run_epochs >= max_epochs):
+            break
+        record = run_epoch(s, epoch, progress=progress and s.main)
+        t = time.perf_counter()
+        if s.main and (epoch + 1) % tcfg.eval_every == 0:
+            validate_and_keep_best(s, epoch, record, progress=progress)
+        record["seconds"]["eval"] = time.perf_counter() - t
+        if s.world.size > 1:
+            s.state = RunState(**distributed.broadcast_object(asdict(s.state)))   # rank 0 decides early stopping
+            record["replicas"] = _check_replicas(s.model, s.generator, epoch)
+        s.state.epoch = epoch + 1
+        run_epochs += 1
+        if s.main:
+            bar.set_postfix(loss=f"{sum(record['loss'].values()):.4f}",
+                            best=f"{s.state.best_metric:.4f}" if s.state.best_epoch >= 0 else "-")
+            _checkpoint(s, record)
+    bar.close()
+    if s.world.size > 1:
+        torch.distributed.barrier()     # rank 0's files are complete when train() returns on any rank
+    result = {}
+    if s.main and os.path.exists(s.path("metrics.json")):
+        with open(s.path("metrics.json")) as fh:
+            result = json.load(fh)
+    result["setup_seconds"] = setup_seconds
+    result["epochs_run"] = s.state.epoch
+    return result
+
+
+def _setup(config: Config, out_dir: str) -> Session:
+    """Threads, seeds, the dataset, the model, its graph and the optimisers of a fresh run."""
     tcfg = config.train
     if tcfg.precision != "fp32" and config.model.name not in BF16_MODELS:
         raise DataError("config", "train.precision", f"{tcfg.precision} is not supported by model "
                         f"{config.model.name!r}", f"use train.precision: fp32, or one of the models "
                         f"{', '.join(BF16_MODELS)}")
     world = distributed.current_world()
-    main = world.is_main                # only rank 0 writes
-    if main:
+    if world.is_main:
         os.makedirs(out_dir, exist_ok=True)
     threads = distributed.rank_threads(tcfg.threads, world.local_size) if world.size > 1 else tcfg.threads
     if threads:
@@ -125,136 +273,128 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
     if tcfg.keep_freed_memory and not _keep_freed_memory():
         raise DataError("config", "train.keep_freed_memory", "needs glibc's mallopt, which this system lacks",
                         "set train.keep_freed_memory: false")
-
-    t_start = time.perf_counter()
     dataset = load_dataset(config)
     model = build_model(config, dataset)
+    if world.size > 1 and model.execution() == "sampled":
+        raise DataError("config", "model.execution", "sampled mode does not run data-parallel on torch.distributed "
+                        "(its row-sparse gradients are not all-reduced)",
+                        "train sampled mode in one process (--nproc 1), or set model.execution: full")
     g = model.make_graph(dataset)
-    dataset = dataset.without_features()   # the model has its own copies; training reads the interactions
-    step_precision = _step_precision(model, tcfg.precision)
     optimizer = main_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
-    auxiliary = model.auxiliary_optimizer()
-    generator = torch.Generator().manual_seed(tcfg.seed)
-    state = RunState()
+    return Session(config, out_dir, world, dataset.without_features(),   # the model has its own feature copies
+                   model, g, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config)),
+                   model.auxiliary_optimizer(), torch.Generator().manual_seed(tcfg.seed),
+                   _step_precision(model, tcfg.precision), RunState())
 
-    last_path, log_path = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "log.jsonl")
-    ckpt = torch.load(last_path, weights_only=False) if main and resume and os.path.exists(last_path) else None
-    if world.size > 1:
+
+def _restore(s: Session, resume: bool) -> None:
+    """Continue from ``last.pt`` (``resume``), or start the run folder afresh; replicas start identical."""
+    last_path, log_path = s.path("last.pt"), s.path("log.jsonl")
+    ckpt = torch.load(last_path, weights_only=False) if s.main and resume and os.path.exists(last_path) else None
+    if s.world.size > 1:
         # rank 0's checkpoint, or its fresh model and graph, on every rank: the replicas start identical
         ckpt = distributed.broadcast_object(
-            (ckpt or {"model": model.state_dict(), "graph_state": model.graph_state()}) if main else None)
+            (ckpt or {"model": s.model.state_dict(), "graph_state": s.model.graph_state()}) if s.main else None)
         if "state" not in ckpt:        # a fresh start
-            model.load_state_dict(ckpt["model"])
-            g = model.load_graph_state(ckpt["graph_state"], g)
+            s.model.load_state_dict(ckpt["model"])
+            s.g = s.model.load_graph_state(ckpt["graph_state"], s.g)
             ckpt = None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if auxiliary is not None:
-            auxiliary.load_state_dict(ckpt["auxiliary"])
-        generator.set_state(ckpt["generator"])
+        s.model.load_state_dict(ckpt["model"])
+        s.optimizer.load_state_dict(ckpt["optimizer"])
+        s.scheduler.load_state_dict(ckpt["scheduler"])
+        if s.auxiliary is not None:
+            s.auxiliary.load_state_dict(ckpt["auxiliary"])
+        s.generator.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
-        state = RunState(**ckpt["state"])
-        g = model.load_graph_state(ckpt["graph_state"], g)
-        if main:
-            _truncate_log(log_path, state.epoch)
-    elif main:
-        save_config(config, os.path.join(out_dir, "config.yaml"))
-        for stale in (log_path, last_path, os.path.join(out_dir, "metrics.json")):
+        s.state = RunState(**ckpt["state"])
+        s.g = s.model.load_graph_state(ckpt["graph_state"], s.g)
+        if s.main:
+            _truncate_log(log_path, s.state.epoch)
+    elif s.main:
+        save_config(s.config, s.path("config.yaml"))
+        for stale in (log_path, last_path, s.path("metrics.json")):
             if os.path.exists(stale):
                 os.unlink(stale)
-    train_csr = dataset.train_matrix()
-    setup_seconds = time.perf_counter() - t_start
 
-    run_epochs = 0
-    bar = tqdm(range(state.epoch, tcfg.epochs), desc=config.model.name, disable=not (progress and main),
-               initial=state.epoch, total=tcfg.epochs)
-    for epoch in bar:
-        if state.stopped or (max_epochs is not None and run_epochs >= max_epochs):
-            break
-        record: dict = {"epoch": epoch}
-        model.train()
-        t0 = time.perf_counter()
-        g, record["before_epoch"] = model.before_epoch(epoch, g, generator)
-        t1 = time.perf_counter()
 
-        users, pos, neg = (torch.from_numpy(a) for a in bpr_triples(
-            train_csr.indptr, train_csr.indices, dataset.n_items, tcfg.seed * 100003 + epoch))
-        sums: dict[str, float] = {}
-        n_batches = 0
-        if world.size == 1:
-            for start in range(0, len(users), tcfg.batch_size):
-                sl = slice(start, start + tcfg.batch_size)
-                with step_precision():
-                    loss, parts = model.loss(*model.batch_forward(g, users[sl], pos[sl], neg[sl]), generator)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n_batches += 1
-        else:
-            n_batches = _train_epoch_sharded(model, g, optimizer, (users, pos, neg), tcfg.batch_size, world,
-                                             distributed.rank_generator(tcfg.seed, epoch, world.rank), sums,
-                                             step_precision)
-        scheduler.step()
-        t2 = time.perf_counter()
-        record["loss"] = {k: v / max(n_batches, 1) for k, v in sums.items()}
-        record["lr"] = optimizer.param_groups[0]["lr"]
+#: an epoch of at least this many steps gets a progress bar of its own
+STEP_BAR_MIN_STEPS = 200
 
-        if main and (epoch + 1) % tcfg.eval_every == 0:
-            g_score = model.scoring_graph(g)
-            valid = evaluate_model(model, g_score, dataset, "valid", config)
-            record["valid"] = valid
-            metric = valid[config.eval.select_metric]
-            if metric > state.best_metric:
-                state.best_metric, state.best_epoch, state.bad_validations = metric, epoch, 0
-                test = evaluate_model(model, g_score, dataset, "test", config, by_missing_level=True)
-                record["test"] = test
-                _save(os.path.join(out_dir, "best.pt"), model=model.state_dict(), epoch=epoch,
-                      graph_state=model.graph_state())
-                atomic_write_json(os.path.join(out_dir, "metrics.json"),
-                                  {"best_epoch": epoch, "valid": valid, "test": test,
-                                   "data": {"imputation": dataset.imputation, "reduction": dataset.reduction}})
-            else:
-                state.bad_validations += 1
-                state.stopped = state.bad_validations >= tcfg.patience
-        t3 = time.perf_counter()
-        record["seconds"] = {"train": t2 - t1, "before_epoch": t1 - t0, "eval": t3 - t2}
-        if world.size > 1:
-            state = RunState(**distributed.broadcast_object(asdict(state)))   # rank 0 decides early stopping
-            record["replicas"] = _check_replicas(model, generator, epoch)
-        state.epoch = epoch + 1
-        run_epochs += 1
-        if not main:
-            continue
-        bar.set_postfix(loss=f"{sum(record['loss'].values()):.4f}",
-                        best=f"{state.best_metric:.4f}" if state.best_epoch >= 0 else "-")
-        with open(log_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        _save(last_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
-              scheduler=scheduler.state_dict(),
-              auxiliary=auxiliary.state_dict() if auxiliary is not None else None,
-              generator=generator.get_state(), torch_rng=torch.get_rng_state(), state=asdict(state),
-              graph_state=model.graph_state())
-    bar.close()
-    if world.size > 1:
-        torch.distributed.barrier()     # rank 0's files are complete when train() returns on any rank
-    metrics_path = os.path.join(out_dir, "metrics.json")
-    result = {}
-    if main and os.path.exists(metrics_path):
-        with open(metrics_path) as fh:
-            result = json.load(fh)
-    result["setup_seconds"] = setup_seconds
-    result["epochs_run"] = state.epoch
-    return result
+
+def run_epoch(s: Session, epoch: int, *, progress: bool = False) -> dict:
+    """One epoch: the model's per-epoch work, then a step per batch; returns the epoch's log record."""
+    tcfg, model = s.config.train, s.model
+    record: dict = {"epoch": epoch, "execution": model.execution()}
+    model.train()
+    t0 = time.perf_counter()
+    s.g, record["before_epoch"] = model.before_epoch(epoch, s.g, s.generator)
+    t1 = time.perf_counter()
+    train_csr = s.dataset.train_matrix()
+    triples = tuple(torch.from_numpy(a) for a in bpr_triples(
+        train_csr.indptr, train_csr.indices, s.dataset.n_items, tcfg.seed * 100003 + epoch))
+    n_batches = math.ceil(len(triples[0]) / tcfg.batch_size)
+    sums: dict[str, float] = {}
+    timing: dict[str, float] = {}
+    if s.world.size == 1:
+        batches = epoch_batches(model, s.g, triples, tcfg.batch_size, tcfg.seed, epoch, ahead=tcfg.sample_ahead,
+                                timing=timing)
+        for batch in tqdm(batches, total=n_batches, desc=f"epoch {epoch}", leave=False, unit="step",
+                          disable=not progress or n_batches < STEP_BAR_MIN_STEPS):
+            parts = training_step(model, s.g, batch, s.optimizer, s.generator, s.step_precision)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+    else:
+        _train_epoch_sharded(s, triples, epoch, sums)
+    s.scheduler.step()
+    t2 = time.perf_counter()
+    record["loss"] = {k: v / max(n_batches, 1) for k, v in sums.items()}
+    record["lr"] = s.optimizer.param_groups[0]["lr"]
+    record["seconds"] = {"train": t2 - t1, "before_epoch": t1 - t0,
+                         **({f"train_{k}": v for k, v in timing.items()} if model.execution() == "sampled" else {})}
+    return record
+
+
+def validate_and_keep_best(s: Session, epoch: int, record: dict, *, progress: bool = False) -> None:
+    """Valid metrics into ``record``; on a better one, test, ``best.pt`` and ``metrics.json``; early stopping."""
+    config, model, state = s.config, s.model, s.state
+    g_score = model.scoring_graph(s.g)
+    valid = evaluate_model(model, g_score, s.dataset, "valid", config, user_sample=config.eval.user_sample,
+                           progress=progress)
+    record["valid"] = valid
+    metric = valid[config.eval.select_metric]
+    if metric > state.best_metric:
+        state.best_metric, state.best_epoch, state.bad_validations = metric, epoch, 0
+        test = evaluate_model(model, g_score, s.dataset, "test", config, by_missing_level=True, progress=progress)
+        record["test"] = test
+        _save(s.path("best.pt"), model=model.state_dict(), epoch=epoch, graph_state=model.graph_state())
+        atomic_write_json(s.path("metrics.json"),
+                          {"best_epoch": epoch, "valid": valid, "test": test, "execution": model.execution(),
+                           "data": {"imputation": s.dataset.imputation, "reduction": s.dataset.reduction}})
+    else:
+        state.bad_validations += 1
+        state.stopped = state.bad_validations >= config.train.patience
+
+
+def _checkpoint(s: Session, record: dict) -> None:
+    """Append the epoch's record to ``log.jsonl`` and write ``last.pt`` (atomically)."""
+    with open(s.path("log.jsonl"), "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    _save(s.path("last.pt"), model=s.model.state_dict(), optimizer=s.optimizer.state_dict(),
+          scheduler=s.scheduler.state_dict(),
+          auxiliary=s.auxiliary.state_dict() if s.auxiliary is not None else None,
+          generator=s.generator.get_state(), torch_rng=torch.get_rng_state(), state=asdict(s.state),
+          graph_state=s.model.graph_state())
 
 
 def main_optimizer(model: Recommender, config: Config) -> RowSparseAdam:
-    """The optimiser of ``model.main_parameters()``: Adam (fused) that also steps row-sparse gradients."""
-    return RowSparseAdam(model.main_parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+    """The optimiser of ``model.main_parameters()``: Adam (fused) that also steps row-sparse gradients.
+
+    Row-sparse gradients get dense Adam's maths, except in sampled mode, where the lazy update touches
+    only the rows a step read (:mod:`dgmrec_dgl.optim`).
+    """
+    return RowSparseAdam(model.main_parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay,
+                         lazy=model.execution() == "sampled")
 
 
 def _keep_freed_memory() -> bool:
@@ -310,35 +450,38 @@ def _step_precision(model: Recommender, precision: str):
     return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-def _train_epoch_sharded(model: Recommender, g, optimizer, triples, batch_size: int, world, generator,
-                         sums: dict[str, float], step_precision=contextlib.nullcontext) -> int:
-    """One epoch of data-parallel steps (see :mod:`dgmrec_dgl.distributed`); returns the number of batches.
+def _train_epoch_sharded(s: Session, triples, epoch: int, sums: dict[str, float]) -> None:
+    """One epoch of data-parallel steps (see :mod:`dgmrec_dgl.distributed`).
 
     Adds to ``sums`` the loss parts as full-batch values: each rank's parts weighted by its share of the
     batch, summed over ranks.
     """
     users, pos, neg = triples
+    model, world, batch_size = s.model, s.world, s.config.train.batch_size
+    generator = distributed.rank_generator(s.config.train.seed, epoch, world.rank)
     params = [p for p in model.main_parameters() if p.requires_grad]
+
+    def sync():
+        distributed.average_gradients(params, world.size)
+
     local: dict[str, float] = {}
-    n_batches = 0
     for start in range(0, len(users), batch_size):
         n = min(batch_size, len(users) - start)
         lo, hi = distributed.shard_bounds(n, world.rank, world.size)
-        optimizer.zero_grad(set_to_none=True)
-        if hi > lo:                     # a batch smaller than the world leaves some shards empty
-            sl = slice(start + lo, start + hi)
-            with step_precision():
-                loss, parts = model.loss(*model.batch_forward(g, users[sl], pos[sl], neg[sl]), generator)
-            (loss * distributed.shard_weight(hi - lo, n, world.size)).backward()
-            for k, v in parts.items():
-                local[k] = local.get(k, 0.0) + v * (hi - lo) / n
-        distributed.average_gradients(params, world.size)
-        optimizer.step()
-        n_batches += 1
+        if hi == lo:                    # a batch smaller than the world leaves some shards empty
+            s.optimizer.zero_grad(set_to_none=True)
+            sync()
+            s.optimizer.step()
+            continue
+        sl = slice(start + lo, start + hi)
+        batch = model.sample_batch(s.g, users[sl], pos[sl], neg[sl])
+        parts = training_step(model, s.g, batch, s.optimizer, generator, s.step_precision,
+                              loss_weight=distributed.shard_weight(hi - lo, n, world.size), sync=sync)
+        for k, v in parts.items():
+            local[k] = local.get(k, 0.0) + v * (hi - lo) / n
     for part in distributed.gather_objects(local):
         for k, v in part.items():
             sums[k] = sums.get(k, 0.0) + v
-    return n_batches
 
 
 def _check_replicas(model: Recommender, generator: torch.Generator, epoch: int) -> list[str]:
@@ -352,18 +495,20 @@ def _check_replicas(model: Recommender, generator: torch.Generator, epoch: int) 
 
 
 def evaluate_model(model: Recommender, g, dataset: Dataset, split: str, config: Config,
-                   by_missing_level: bool = False) -> dict[str, float]:
+                   by_missing_level: bool = False, *, user_sample: int = 0, progress: bool = False) -> dict[str, float]:
     """Full-ranking metrics of ``model`` on ``split``.
 
     With ``by_missing_level`` (and a mask), adds ``<metric>/group=g``: the metric over held-out items
-    missing g modalities (the paper's Fig. 3 breakdown).
+    missing g modalities (the paper's Fig. 3 breakdown). ``user_sample > 0`` ranks for that many users of
+    the split only, drawn with ``config.train.seed`` (the same users at every validation).
     """
     groups = dataset.mask.n_missing() if by_missing_level and dataset.mask is not None else None
     model.eval()
     with torch.no_grad():
         user, item = model.fused(model(g))
         result = evaluate(lambda users: user[users] @ item.T, dataset, split, config.eval.ks,
-                          budget_bytes=config.eval.budget_mb << 20, item_groups=groups)
+                          budget_bytes=config.eval.budget_mb << 20, item_groups=groups,
+                          user_sample=user_sample, seed=config.train.seed, progress=progress)
     model.train()
     return result
 

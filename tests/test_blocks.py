@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from dgmrec_dgl.config import DGMRecConfig, LightGCNConfig, load_config, resolve_execution
+from dgmrec_dgl.config import DGMRecConfig, LightGCNConfig, MFBPRConfig, load_config, resolve_execution
 from dgmrec_dgl.data import synthetic
 from dgmrec_dgl.errors import DataError
 from dgmrec_dgl.graphs import dst_ids, item_user_block, knn_blocks, src_ids
@@ -52,9 +52,9 @@ def batch(ds, size=32):
 def both_modes(model, g, users, pos, neg):
     """(full reps, blocks reps, local users, local pos, local neg) on the same parameters."""
     model.config.execution = "full"
-    full = model.batch_forward(g, users, pos, neg)[0]
+    full = model.batch_forward(g, model.sample_batch(g, users, pos, neg))[0]
     model.config.execution = "blocks"
-    return (full, *model.batch_forward(g, users, pos, neg))
+    return (full, *model.batch_forward(g, model.sample_batch(g, users, pos, neg)))
 
 
 def close(a, b):
@@ -122,7 +122,8 @@ def test_gradients_of_the_non_recon_loss_match_between_modes(sparse_dir):
     for mode in ("full", "blocks"):
         model.config.execution = mode
         model.zero_grad(set_to_none=True)
-        loss, _ = model.loss(*model.batch_forward(g, users, pos, neg), torch.Generator().manual_seed(5))
+        loss, _ = model.loss(*model.batch_forward(g, model.sample_batch(g, users, pos, neg)),
+                             torch.Generator().manual_seed(5))
         loss.backward()
         # blocks mode reads the raw tables through a sparse embedding: their gradients are row-sparse
         grads[mode] = {name: p.grad.to_dense() if p.grad.is_sparse else p.grad.clone()
@@ -136,20 +137,22 @@ def test_gradients_of_the_non_recon_loss_match_between_modes(sparse_dir):
 
 
 def test_execution_auto_picks_by_catalog_size_and_bad_values_are_refused(sparse_dir):
-    ds, model, _ = make(sparse_dir, execution="auto", blocks_min_items=10**9)
+    ds, model, _ = make(sparse_dir, execution="auto", sampled_min_items=10**9)
     assert model.execution() == "full"
-    model.config.blocks_min_items = ds.n_items
-    assert model.execution() == "blocks"
-    for cls in (DGMRecConfig, LightGCNConfig):
-        assert resolve_execution(cls(execution="auto", blocks_min_items=10), 10) == "blocks"
-        assert resolve_execution(cls(execution="auto", blocks_min_items=10), 9) == "full"
+    model.config.sampled_min_items = ds.n_items
+    assert model.execution() == "sampled"
+    for cls in (DGMRecConfig, LightGCNConfig, MFBPRConfig):
+        assert resolve_execution(cls(execution="auto", sampled_min_items=10), 10) == "sampled"
+        assert resolve_execution(cls(execution="auto", sampled_min_items=10), 9) == "full"
         assert resolve_execution(cls(execution="blocks"), 1) == "blocks"
-        with pytest.raises(DataError, match="full, blocks, auto"):
+        with pytest.raises(DataError, match="full, blocks, sampled, auto"):
             cls(execution="minibatch")
-    with pytest.raises(DataError, match="model.execution.*use one of: full, blocks, auto"):
-        load_config("configs/lightgcn/base.yaml", {"model": {"execution": "sampled"}})
-    with pytest.raises(DataError, match="blocks_min_items"):
-        load_config("configs/dgmrec/base.yaml", {"model": {"blocks_min_items": -1}})
+    with pytest.raises(DataError, match="model.execution.*use one of: full, blocks, sampled, auto"):
+        load_config("configs/lightgcn/base.yaml", {"model": {"execution": "minibatch"}})
+    with pytest.raises(DataError, match="sampled_min_items"):
+        load_config("configs/dgmrec/base.yaml", {"model": {"sampled_min_items": -1}})
+    # the key's former name, as recorded in earlier runs' config.yaml, still loads
+    assert load_config("configs/dgmrec/base.yaml", {"model": {"blocks_min_items": 7}}).model.sampled_min_items == 7
 
 
 def test_lightgcn_accepts_blocks_and_runs_the_full_pass(sparse_dir):
@@ -159,7 +162,7 @@ def test_lightgcn_accepts_blocks_and_runs_the_full_pass(sparse_dir):
     model = build_model(config, ds)
     g = model.make_graph(ds)
     users, pos, neg = batch(ds)
-    (user, item), *ids = model.batch_forward(g, users, pos, neg)
+    (user, item, *_), *ids = model.batch_forward(g, model.sample_batch(g, users, pos, neg))
     full_user, full_item = model(g)
     assert torch.equal(user, full_user) and torch.equal(item, full_item)
     assert all(torch.equal(a, b) for a, b in zip(ids, (users, pos, neg)))

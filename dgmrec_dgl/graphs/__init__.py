@@ -5,6 +5,8 @@
 - :mod:`.hetero` — ``build_heterograph``, ``replace_knn_relation``, ``propagate``, ``mean_aggregate``.
 - :mod:`.blocks` — exact full-neighbour DGL blocks (``knn_blocks``, ``item_user_block``) for DGMRec's
   blocks execution mode.
+- :mod:`.sampling` — neighbour-sampled blocks drawn by DGL's samplers (``sample_ui_blocks``,
+  ``lightgcn_blocks``, ``sample_one_hop``) for the sampled execution mode.
 
 The DGL/torch side (:mod:`.hetero`, :mod:`.blocks`) is imported on first use, so the FAISS/Numba side can
 run without loading torch (the graph benchmark measures its memory that way).
@@ -19,8 +21,10 @@ from .refine import refine_knn
 
 _HETERO = ("build_heterograph", "replace_knn_relation", "propagate", "mean_aggregate", "knn_etype")
 _BLOCKS = ("relation_block", "knn_blocks", "item_user_block", "src_ids", "dst_ids")
+_SAMPLING = ("seed_sampling", "sample_ui_blocks", "lightgcn_blocks", "sample_one_hop")
 
-__all__ = ["KnnGraph", "KnnRows", "build_knn", "normalize_knn", "query_rows", "refine_knn", *_HETERO, *_BLOCKS]
+__all__ = ["KnnGraph", "KnnRows", "build_knn", "normalize_knn", "query_rows", "refine_knn", *_HETERO, *_BLOCKS,
+           *_SAMPLING]
 
 
 def __getattr__(name: str):
@@ -28,4 +32,6 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(".hetero", __name__), name)
     if name in _BLOCKS:
         return getattr(importlib.import_module(".blocks", __name__), name)
+    if name in _SAMPLING:
+        return getattr(importlib.import_module(".sampling", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

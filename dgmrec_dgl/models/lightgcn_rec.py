@@ -10,19 +10,25 @@ batch's *layer-0* embeddings:
                  + \lambda \frac{\lVert E^{(0)}_U[u] \rVert + \lVert E^{(0)}_I[i] \rVert
                  + \lVert E^{(0)}_I[j] \rVert}{B}
 
-Large catalogs: ``execution`` (``full | blocks | auto``, see :class:`~dgmrec_dgl.config.LightGCNConfig`) is
-accepted, and every mode runs the same exact per-step full-graph pass. The batch's layer-mean embeddings
-depend on the 3-hop neighbourhood of its users and items, and that neighbourhood is the whole graph: from a
-2,048-triple batch it held 100% of the users and >= 99.99% of the items on synthetic catalogs of 7K
-(19K users), 19K (36K users) and 50K items (100K users), so a block would only add the cost of building it.
+Large catalogs: ``execution`` (``full | blocks | sampled | auto``, see
+:class:`~dgmrec_dgl.config.LightGCNConfig`). ``full`` and ``blocks`` run the same exact per-step full-graph
+pass: the batch's layer-mean embeddings depend on the 3-hop neighbourhood of its users and items, and that
+neighbourhood is the whole graph (from a 2,048-triple batch it held 100% of the users and >= 99.99% of the
+items on synthetic catalogs of 7K, 19K and 50K items), so an exact block would only add the cost of building
+it. ``sampled`` propagates over L blocks drawn by DGL's neighbour sampler (``model.fanouts`` per layer,
+:mod:`dgmrec_dgl.graphs.sampling`): an unbiased estimate of each layer, exact when every fanout reaches the
+largest degree. The step then reads the layer-0 rows of the sampled receptive field only, through sparse
+embeddings, and the lazy Adam steps those rows.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..config import LightGCNConfig
-from .base import Recommender, gather_rows, scalar_parts
+from ..config import LightGCNConfig, layer_fanouts, resolve_execution
+from ..graphs.blocks import src_ids
+from ..graphs.sampling import lightgcn_blocks, sample_ui_blocks
+from .base import Batch, Recommender, gather_rows, scalar_parts, sparse_rows
 from .dgmrec.losses import bpr_loss, emb_loss
 from .lightgcn import LightGCN
 
@@ -49,13 +55,56 @@ class LightGCNRecommender(Recommender):
         return self.backbone(g)
 
     def fused(self, reps) -> tuple[torch.Tensor, torch.Tensor]:
-        return reps
+        return reps[0], reps[1]
+
+    def execution(self) -> str:
+        return resolve_execution(self.config, self.backbone.item.shape[0])
+
+    def sample_batch(self, g, users, pos, neg) -> Batch:
+        """Sampled mode: the L user–item blocks onto the batch's distinct users and items (DGL's sampler)."""
+        if self.execution() != "sampled":
+            return Batch(users, pos, neg)
+        return Batch(users, pos, neg, sampled_seeds(g, users, pos, neg, layer_fanouts(self.config)))
+
+    def batch_forward(self, g, batch: Batch):
+        """Full mode: ``(self(g), users, pos, neg)``. Sampled: ``((user, item, user layer 0, item layer 0), rows)``
+        at the batch's seeds, and the batch as rows of them."""
+        if not batch.drawn:
+            return super().batch_forward(g, batch)
+        user0, item0, (user, item) = sampled_layer_means(self.backbone.user, self.backbone.item, batch.drawn["blocks"])
+        return (user, item, user0, item0), *batch.drawn["rows"]
 
     def loss(self, reps, users, pos, neg, generator=None):
-        user, item = reps
+        """BPR + reg on ``reps``: ``(user, item)`` of :meth:`forward` (layer 0 = the tables) or sampled mode's 4-tuple."""
+        user, item = reps[:2]
+        user0, item0 = reps[2:] or (self.backbone.user, self.backbone.item)
         parts = {"bpr": bpr_loss(gather_rows(user, users), gather_rows(item, pos), gather_rows(item, neg))}
         if self.config.reg:
-            b = self.backbone
-            parts["reg"] = self.config.reg * emb_loss(gather_rows(b.user, users), gather_rows(b.item, pos),
-                                                      gather_rows(b.item, neg))
+            parts["reg"] = self.config.reg * emb_loss(gather_rows(user0, users), gather_rows(item0, pos),
+                                                      gather_rows(item0, neg))
         return sum(parts.values()), scalar_parts(parts)
+
+
+def sampled_seeds(g, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, fanouts: list[int]) -> dict:
+    """The sampled user–item blocks onto a batch's distinct users and items, and the batch as rows of them.
+
+    Returns ``{"blocks": [...], "rows": (users, pos, neg)}``: the rows index the seeds (sorted distinct users;
+    sorted distinct items of ``pos ∪ neg``), which are the first rows of every block's sources.
+    """
+    seed_users, user_rows = torch.unique(users, return_inverse=True)
+    seed_items, item_rows = torch.unique(torch.cat([pos, neg]), return_inverse=True)
+    blocks = sample_ui_blocks(g, seed_users, seed_items, fanouts)
+    return {"blocks": blocks, "rows": (user_rows, item_rows[:len(pos)], item_rows[len(pos):]),
+            "users": seed_users, "items": seed_items}
+
+
+def sampled_layer_means(user_table: torch.Tensor, item_table: torch.Tensor, blocks: list):
+    """``(user layer 0, item layer 0, (user, item) layer means)`` at the seeds of ``blocks``.
+
+    The layer-0 rows of the receptive field are read through sparse embeddings, so the tables get
+    row-sparse gradients; the returned layer-0 rows are the seeds' (the first rows of the sources).
+    """
+    user0 = sparse_rows(user_table, src_ids(blocks[0], "user"))
+    item0 = sparse_rows(item_table, src_ids(blocks[0], "item"))
+    user, item = lightgcn_blocks(blocks, user0, item0)
+    return user0[:len(user)], item0[:len(item)], (user, item)

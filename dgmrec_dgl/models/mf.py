@@ -9,6 +9,10 @@ Rendle et al., "BPR: Bayesian Personalized Ranking from Implicit Feedback", UAI 
 
 The regulariser is MMRec's ``EmbLoss`` (Frobenius norms of the batch's embedding rows, not squared,
 divided by the batch size) with weight ``reg``. No graph is used; the trainer's graph is passed through.
+
+``execution: sampled`` reads the batch's rows through sparse embeddings, so the tables get row-sparse
+gradients and the lazy Adam steps only those rows (:mod:`dgmrec_dgl.optim`); the gradients are the full
+mode's, the optimiser is what differs.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import MFBPRConfig
-from .base import Recommender, gather_rows, scalar_parts
+from ..config import MFBPRConfig, resolve_execution
+from .base import Batch, Recommender, gather_rows, scalar_parts, sparse_rows
 from .dgmrec.losses import bpr_loss, emb_loss
 
 
@@ -46,10 +50,23 @@ class MFBPR(Recommender):
     def fused(self, reps) -> tuple[torch.Tensor, torch.Tensor]:
         return reps
 
+    def execution(self) -> str:
+        return resolve_execution(self.config, self.item_emb.shape[0])
+
+    def batch_forward(self, g, batch: Batch):
+        """Full mode: the tables and the global ids. Sampled: the batch's distinct rows (sparse reads) and the
+        batch as rows of them."""
+        if self.execution() != "sampled":
+            return super().batch_forward(g, batch)
+        users, user_rows = torch.unique(batch.users, return_inverse=True)
+        items, item_rows = torch.unique(torch.cat([batch.pos, batch.neg]), return_inverse=True)
+        reps = (sparse_rows(self.user_emb, users), sparse_rows(self.item_emb, items))
+        return reps, user_rows, item_rows[:len(batch.pos)], item_rows[len(batch.pos):]
+
     def loss(self, reps, users, pos, neg, generator=None):
-        user, item = reps
-        parts = {"bpr": bpr_loss(gather_rows(user, users), gather_rows(item, pos), gather_rows(item, neg))}
+        user, item = reps           # the tables (or the batch's rows of them) themselves
+        u, i, j = gather_rows(user, users), gather_rows(item, pos), gather_rows(item, neg)
+        parts = {"bpr": bpr_loss(u, i, j)}
         if self.config.reg:
-            parts["reg"] = self.config.reg * emb_loss(gather_rows(self.user_emb, users),
-                                                      gather_rows(self.item_emb, pos), gather_rows(self.item_emb, neg))
+            parts["reg"] = self.config.reg * emb_loss(u, i, j)
         return sum(parts.values()), scalar_parts(parts)

@@ -12,10 +12,11 @@ Kim, Kang, Kim, Kim and Park, SIGIR 2025. This module wires the paper's parts to
    kNN rows of items missing a modality (Eq. 16, FAISS + Numba through :mod:`dgmrec_dgl.graphs.refine`).
 
 A training step gets its representations from :meth:`DGMRec.batch_forward`. With ``execution: full`` that
-is :meth:`DGMRec.forward` on the whole graph; with ``blocks`` (or ``auto`` on a large catalog) the
-modality branch runs only where the batch can see it, on exact full-neighbour DGL blocks
-(:mod:`dgmrec_dgl.graphs.blocks`), and gives the batch's rows the same values (see
-:meth:`DGMRec.batch_forward` for what is computed and the one loss term that changes).
+is :meth:`DGMRec.forward` on the whole graph; with ``blocks`` the modality branch runs only where the batch
+can see it, on exact full-neighbour DGL blocks (:mod:`dgmrec_dgl.graphs.blocks`), and gives the batch's rows
+the same values; with ``sampled`` (or ``auto`` on a large catalog) every part of the step runs on blocks
+drawn by DGL's neighbour samplers (:meth:`DGMRec.sample_batch`), an approximation (see
+:meth:`DGMRec.batch_forward` for what is computed and what changes).
 
 Where the authors' release and the paper differ, the release is followed as ``DGMRec_SPEC.md`` records it.
 """
@@ -31,13 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import DGMRecConfig, resolve_execution
+from ...config import DGMRecConfig, layer_fanouts, resolve_execution
 from ...graphs.blocks import item_user_block, knn_blocks, src_ids
-from ...graphs.hetero import build_heterograph, replace_knn_relation
+from ...graphs.hetero import IU, UI, build_heterograph, mean_aggregate, replace_knn_relation
 from ...graphs.knn import KnnGraph, build_knn, normalize_knn
 from ...graphs.refine import refine_knn
-from ..base import Recommender, gather_rows, scalar_parts
+from ...graphs.sampling import sample_one_hop
+from ..base import Batch, Recommender, gather_rows, scalar_parts, sparse_rows
 from ..lightgcn import lightgcn
+from ..lightgcn_rec import sampled_layer_means, sampled_seeds
 from .club import CLUBEstimator
 from .encoders import GeneralEncoder, SpecificEncoder, encode
 from .generators import ModalityDecoder, ModalityGenerator, perturb
@@ -246,10 +249,43 @@ class DGMRec(Recommender):
         return Representations(user_id, item_id, views)
 
     def execution(self) -> str:
-        """``full`` or ``blocks``: what ``config.execution`` selects for this catalog."""
+        """``full``, ``blocks`` or ``sampled``: what ``config.execution`` selects for this catalog."""
         return resolve_execution(self.config, self.item_emb.shape[0])
 
-    def batch_forward(self, g, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor):
+    def sample_batch(self, g, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> Batch:
+        """The blocks a step of the blocks or sampled mode reads (full mode: none); see :meth:`batch_forward`.
+
+        Drawn: the batch users ``U = unique(users)``; the ``interacted_by`` block onto U (every train item in
+        blocks mode, at most ``user_items_sample`` drawn by DGL's sampler in sampled mode); the item set
+        ``T = unique(pos ∪ neg ∪ the block's items)``; per modality the ``n_mm_layers`` full-neighbour kNN
+        blocks seeded by T (k is small; refinement grows a row to at most a few times k) and, sampled mode
+        only, the ``interacts`` block onto their input items with at most ``item_users_sample`` users each
+        (Eq. 2); sampled mode also draws the ID branch's L user–item blocks onto U and ``pos ∪ neg``.
+        """
+        mode = self.execution()
+        if mode == "full":
+            return Batch(users, pos, neg)
+        cfg = self.config
+        sampled = mode == "sampled"
+        batch_users = torch.unique(users)
+        to_users = sample_one_hop(g, IU, batch_users, cfg.user_items_sample) if sampled else item_user_block(g, batch_users)
+        their_items = src_ids(to_users, "item")
+        items = torch.unique(torch.cat([their_items, pos, neg]))
+        drawn = {"users": batch_users, "items": items, "to_users": to_users, "knn": {}, "preference": {},
+                 "rows": tuple(torch.searchsorted(seeds, ids.contiguous())
+                               for seeds, ids in ((batch_users, users), (items, pos), (items, neg))),
+                 "their_rows": torch.searchsorted(items, their_items)}
+        for m in self.modalities:
+            blocks = knn_blocks(g, m, items, cfg.n_mm_layers)
+            drawn["knn"][m] = blocks
+            if sampled:
+                inputs = src_ids(blocks[0], "item") if blocks else items
+                drawn["preference"][m] = sample_one_hop(g, UI, inputs, cfg.item_users_sample)
+        if sampled:
+            drawn["id"] = sampled_seeds(g, users, pos, neg, layer_fanouts(cfg))
+        return Batch(users, pos, neg, drawn)
+
+    def batch_forward(self, g, batch: Batch):
         """Representations for one training batch, and the batch's ids as rows of them.
 
         Full mode: ``(self(g), users, pos, neg)``. Blocks mode computes only what :meth:`loss` reads, with
@@ -271,40 +307,56 @@ class DGMRec(Recommender):
         equal the full-graph ones up to floating-point summation order; so does every loss term but the
         reconstruction (Eq. 10–11), which :meth:`loss` then averages over T instead of over all items.
 
+        Sampled mode runs the same steps on sampled blocks (:meth:`sample_batch`), so nothing is a
+        whole-graph pass: the ID branch propagates over L neighbour-sampled user–item blocks (unbiased layer
+        estimates, :mod:`dgmrec_dgl.graphs.sampling`), a user's features average at most
+        ``user_items_sample`` of their train items and an item's preference at most ``item_users_sample`` of
+        its users. With fanouts and sample sizes at least the largest degrees it equals blocks mode. The ID
+        tables are read through sparse embeddings (row-sparse gradients for the lazy Adam); only the
+        ``pos ∪ neg`` rows of the ID branch are computed (the other rows of T get zeros there, which no
+        loss term reads).
+
         Args:
             g: the heterograph.
-            users, pos, neg: int64 ``[B]`` global ids of the batch's triples.
+            batch: from :meth:`sample_batch`.
 
         Returns:
-            ``(reps, users, pos, neg)``; in blocks mode ``reps`` has ``len(U)`` user rows and ``len(T)`` item
-            rows (``reps.user_ids = U``, ``reps.item_ids = T``, both sorted) and the ids are those rows.
+            ``(reps, users, pos, neg)``; in blocks and sampled mode ``reps`` has ``len(U)`` user rows and
+            ``len(T)`` item rows (``reps.user_ids = U``, ``reps.item_ids = T``, both sorted) and the ids are
+            those rows.
         """
-        if self.execution() == "full":
-            return self(g), users, pos, neg
+        if not batch.drawn:
+            return self(g), batch.users, batch.pos, batch.neg
         cfg = self.config
-        user_id, item_id = lightgcn(g, self.user_emb, self.item_emb, cfg.n_ui_layers)
-        batch_users, users_local = torch.unique(users, return_inverse=True)
-        to_users = item_user_block(g, batch_users)
-        their_items = src_ids(to_users, "item")
-        items = torch.unique(torch.cat([their_items, pos, neg]))
-        their_rows = torch.searchsorted(items, their_items)
+        drawn = batch.drawn
+        batch_users, items = drawn["users"], drawn["items"]
+        if "id" in drawn:        # sampled: the ID branch on its blocks, only at U and pos ∪ neg
+            _, _, (user_id, item_seed) = sampled_layer_means(self.user_emb, self.item_emb, drawn["id"]["blocks"])
+            item_id = item_seed.new_zeros(len(items), item_seed.shape[1]).index_copy(
+                0, torch.searchsorted(items, drawn["id"]["items"]), item_seed)
+        else:
+            user_id, item_id = lightgcn(g, self.user_emb, self.item_emb, cfg.n_ui_layers)
+            user_id, item_id = torch.index_select(user_id, 0, batch_users), torch.index_select(item_id, 0, items)
         views, item_raw = {}, {}
         for m in self.modalities:
-            blocks = knn_blocks(g, m, items, cfg.n_mm_layers)
+            blocks = drawn["knn"][m]
             inputs = src_ids(blocks[0], "item") if blocks else items    # I_m; its first len(T) are T
-            pref = torch.index_select(self.preference[m](g, self.user_emb), 0, inputs)   # whole graph (1.)
+            if m in drawn["preference"]:                                 # sampled: Eq. 2 on drawn users
+                to_items = drawn["preference"][m]
+                user_rows = sparse_rows(self.user_emb, src_ids(to_items, "user"))
+                pref = mean_aggregate(to_items, "interacts", self.preference[m].user_preferences(user_rows))
+            else:                                                        # blocks: whole graph (1.)
+                pref = torch.index_select(self.preference[m](g, self.user_emb), 0, inputs)
             # a sparse gradient of only I_m's rows, not a dense [n_items, d_m] one (dgmrec_dgl.optim)
-            x = F.embedding(inputs, self.raw[m], sparse=True)
+            x = sparse_rows(self.raw[m], inputs)
             general, specific = encode(self.general, self.specific[m], m, x)
             h = propagate_modality_blocks(blocks, m, torch.cat([pref * general, pref * specific], dim=1))
-            hu = user_modality_features(to_users, torch.index_select(h, 0, their_rows))
+            hu = user_modality_features(drawn["to_users"], torch.index_select(h, 0, drawn["their_rows"]))
             n = len(items)
             views[m] = ModalityViews(general[:n], specific[:n], pref[:n], *h.chunk(2, dim=1), *hu.chunk(2, dim=1))
             item_raw[m] = x[:n]
-        reps = Representations(torch.index_select(user_id, 0, batch_users), torch.index_select(item_id, 0, items),
-                               views, user_ids=batch_users, item_ids=items, item_raw=item_raw)
-        pos_rows, neg_rows = (torch.searchsorted(items, ids.contiguous()) for ids in (pos, neg))
-        return reps, users_local, pos_rows, neg_rows
+        reps = Representations(user_id, item_id, views, user_ids=batch_users, item_ids=items, item_raw=item_raw)
+        return (reps, *drawn["rows"])
 
     def fused(self, reps: Representations) -> tuple[torch.Tensor, torch.Tensor]:
         return reps.fused()
