@@ -15,17 +15,29 @@ import sys
 
 from .config import SEED_MAX
 
-#: how argparse prefixes an error about one argument: ``argument --epochs: <problem>``
-_ARGUMENT_ERROR = re.compile(r"argument (\S+): (.*)", re.DOTALL)
+#: argparse's error messages → (the flag(s) they name, the problem): ``argument --epochs: <problem>``,
+#: ``the following arguments are required: --config``, ``unrecognized arguments: --bogus``
+_ARGPARSE_ERRORS = (
+    (re.compile(r"argument (\S+): (.*)", re.DOTALL), None),
+    (re.compile(r"the following arguments are required: (.*)", re.DOTALL), "is required"),
+    (re.compile(r"unrecognized arguments: (.*)", re.DOTALL), "is not an option of this command"),
+)
+
+
+def _flag_and_problem(message: str) -> tuple[str, str]:
+    for pattern, problem in _ARGPARSE_ERRORS:
+        found = pattern.match(message)
+        if found:
+            return found.group(1), problem or found.group(2)
+    return "arguments", message
 
 
 class OneLineParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` (and, through ``add_subparsers``, its sub-parsers) that reports errors in one line."""
 
     def error(self, message: str):
-        found = _ARGUMENT_ERROR.match(message)
-        flag, problem = (found.group(1), found.group(2)) if found else ("arguments", message)
-        problem, _, fix = " ".join(problem.split()).partition("; fix: ")
+        flag, problem = _flag_and_problem(" ".join(message.split()))
+        problem, _, fix = problem.partition("; fix: ")
         print(f"error: <command line>: {flag}: {problem}; fix: {fix or f'see {self.prog} --help'}",
               file=sys.stderr)
         sys.exit(2)
