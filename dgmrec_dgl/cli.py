@@ -59,9 +59,9 @@ def _cmd_synth(args) -> int:
         overrides["feature_dtype"] = args.feature_dtype
     try:
         config = synthetic.preset(args.preset, **overrides)
-    except ValueError as exc:
-        print(f"dgmrec-dgl data synth: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:     # an unknown preset, or sizes the preset's generator cannot meet
+        raise DataError("<command line>", "data synth", str(exc),
+                        "choose --preset, --users, --items and --dims as `dgmrec-dgl data synth --help` says") from None
     info = synthetic.generate(args.out, config, progress=not args.quiet)
     print(f"wrote {args.out}: {info['n_users']:,} users, {info['n_items']:,} items, "
           f"{info['n_interactions']:,} interactions, {config.feature_dtype} features")

@@ -475,7 +475,7 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", type=arguments.folder, required=True, help="output folder (runs are reused from it)")
     p.add_argument("--config-dir", default=str(DEFAULT_CONFIG_DIR), help="folder with <model>/<name>.yaml")
     p.add_argument("--dataset-config", help="config name per model, e.g. baby (default: base)")
-    p.add_argument("--metric", default="recall@20", help="metric of the robustness curve")
+    p.add_argument("--metric", default="recall@20", choices=METRICS, help="metric of the robustness curve")
     p.add_argument("--threads", type=arguments.threads, default=0,
                    help="torch (and Numba) threads; 0: torch's default, or 1 with --quick")
     p.add_argument("--keep-freed-memory", action="store_true",

@@ -276,7 +276,7 @@ WEIGHT = number(0.0)                           # loss weights and L2 coefficient
 FRACTION = number(0.0, 1.0)
 ANY = Rule("any value of the key's type", lambda v: True)     # paths, flags: the type check is all
 #: ``eval.select_metric`` and metric names elsewhere: what :func:`dgmrec_dgl.evaluate.ranking_metrics` computes.
-METRIC_RE = re.compile(r"(recall|ndcg)@([0-9]+)")
+METRIC_RE = re.compile(r"(recall|ndcg)@([1-9][0-9]*)")
 
 #: Section → key → :class:`Rule`. Every key of every dataclass above has an entry (a test checks it);
 #: the ``model`` rules are shared by the model configs (a key means the same in each). Checked by
@@ -373,11 +373,11 @@ def _yaml_value(value) -> str:
 def _check_select_metric(path: str, config: Config) -> None:
     """``eval.select_metric`` must be one of the metrics the evaluator reports for ``eval.ks``."""
     metric = config.eval.select_metric
-    k = int(METRIC_RE.fullmatch(metric).group(2))
-    if k not in config.eval.ks:
-        names = ", ".join(f"{m}@{k}" for m in ("recall", "ndcg") for k in config.eval.ks)
+    names = [f"{m}@{k}" for m in ("recall", "ndcg") for k in config.eval.ks]
+    if metric not in names:
+        k = METRIC_RE.fullmatch(metric).group(2)
         raise DataError(path, "eval.select_metric", f"{metric!r} is not computed: K = {k} is not in eval.ks "
-                        f"{_yaml_value(config.eval.ks)}", f"use one of: {names}, or add {k} to eval.ks")
+                        f"{_yaml_value(config.eval.ks)}", f"use one of: {', '.join(names)}, or add {k} to eval.ks")
 
 
 def _coerce(path: str, key: str, value, kind):

@@ -69,7 +69,7 @@ CONFIG_CASES = [
     (None, "eval", "ks", "20"),
     (None, "eval", "budget_mb", "0"),
     (None, "eval", "select_metric", "hit@20"), (None, "eval", "select_metric", "recall"),
-    (None, "eval", "select_metric", "recall@30"),
+    (None, "eval", "select_metric", "recall@30"), (None, "eval", "select_metric", "recall@020"),
     # DGMRec
     (None, "model", "name", "svd"), (None, "model", "embedding_dim", "0"), (None, "model", "n_ui_layers", "-1"),
     (None, "model", "n_mm_layers", "-1"), (None, "model", "knn_k", "0"),
@@ -169,6 +169,8 @@ CLI_CASES = [
     (["data", "synth", "--out", "{tmp}/s", "--dims", "image=0"], "--dims"),
     (["data", "synth", "--out", "{tmp}/s", "--dims", "video=3"], "--dims"),
     (["data", "synth", "--out", "{file}"], "--out"),
+    (["data", "synth", "--out", "{tmp}/s", "--users", "3", "--items", "2"], "data synth"),   # below the 5-core
+    (["data", "synth", "--out", "{tmp}/s", "--preset", "huge"], "data synth"),
     (["data", "mask", "{dir}", "--ratio", "0.5", "--seed", "-1"], "--seed"),
     (["data", "mask", "{dir}", "--ratio", "2"], "--ratio"),
     (["data", "mask", "{dir}", "--ratio", "half"], "--ratio"),
@@ -181,6 +183,7 @@ CLI_CASES = [
     (["compare", "--out", "{tmp}/c", "--epochs", "0"], "--epochs"),
     (["compare", "--out", "{tmp}/c", "--missing-ratios", "0,1"], "--missing-ratios"),
     (["compare", "--out", "{file}"], "--out"),
+    (["compare", "--out", "{tmp}/c", "--metric", "hit@20"], "--metric"),
     # argparse's own errors are one line too
     (["frobnicate"], "command"),
     (["train", "--bogus"], "--bogus"),
