@@ -237,8 +237,8 @@ class Config:
 class Rule:
     """What one config value may be: ``ok(value)`` is True for an allowed value; ``want`` says it in words.
 
-    ``ok`` receives a value already of the field's type (``_coerce``); ``None`` of an optional field is
-    always allowed and never reaches it.
+    ``None`` of an optional field is always allowed and never reaches ``ok``. Values from YAML are of the
+    field's type (``_coerce``); the ``__setattr__`` hooks pass values as given, so ``ok`` checks the type too.
     """
 
     want: str
@@ -247,7 +247,7 @@ class Rule:
 
 def at_least(low: int) -> Rule:
     """An integer count or size, ``>= low``."""
-    return Rule(f"an integer >= {low}", lambda v: v >= low)
+    return Rule(f"an integer >= {low}", lambda v: _is_int(v) and v >= low)
 
 
 def number(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False) -> Rule:
@@ -258,10 +258,14 @@ def number(low: float, high: float = math.inf, *, low_open: bool = False, high_o
         want = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
     def ok(v) -> bool:
-        return (math.isfinite(v) and (v > low if low_open else v >= low)
+        return ((_is_int(v) or isinstance(v, float)) and math.isfinite(v) and (v > low if low_open else v >= low)
                 and (v < high if high_open else v <= high))
 
     return Rule(want, ok)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def one_of(*choices: str) -> Rule:
@@ -270,7 +274,7 @@ def one_of(*choices: str) -> Rule:
 
 #: Largest seed: every seed feeds numpy's and torch's generators, which take 0 .. 2**32 - 1 alike.
 SEED_MAX = 2**32 - 1
-SEED = Rule(f"an integer in [0, {SEED_MAX}]", lambda v: 0 <= v <= SEED_MAX)
+SEED = Rule(f"an integer in [0, {SEED_MAX}]", lambda v: _is_int(v) and 0 <= v <= SEED_MAX)
 POSITIVE = number(0.0, low_open=True)          # learning rates, temperatures, epsilons
 WEIGHT = number(0.0)                           # loss weights and L2 coefficients
 FRACTION = number(0.0, 1.0)
