@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -195,8 +196,9 @@ CLI_CASES = [
 def test_bad_command_line_number(argv, flag, tiny_dir, tmp_path, capsys):
     values = {"dir": str(tiny_dir), "file": str(_existing_file(tmp_path)), "tmp": str(tmp_path)}
     argv = [a.format(**values) for a in argv]
-    if argv[0] == "train":
-        argv += ["--config", str(CONFIGS / "dgmrec" / "base.yaml"), "--data", str(tiny_dir)]
+    if argv[0] == "train":      # a valid run of one epoch, then the case's arguments (the last value wins)
+        argv = ["train", "--config", str(CONFIGS / "dgmrec" / "base.yaml"), "--data", str(tiny_dir), "--epochs", "1",
+                "--quiet", *argv[1:]]
     code, lines = run_cli(capsys, argv)
     assert_rejected(code, lines, f"<command line>: {flag}: ")
     assert not any(Path(tmp_path, name).exists() for name in ("s", "c", "run"))
@@ -207,7 +209,7 @@ def _garbage(path: Path) -> None:
     path.write_bytes(b"\x00\x01 this is not numpy \xff\xfe")
 
 
-def _features(name: str, array) -> callable:
+def _features(name: str, array) -> Callable[[Path], None]:
     return lambda folder: np.save(folder / name, array, allow_pickle=True)
 
 
@@ -270,7 +272,7 @@ def _truncated_npz(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:60])
 
 
-def _mask(name: str, write) -> tuple[str, callable]:
+def _mask(name: str, write: Callable[[Path], None]) -> tuple[str, Callable[[Path], None]]:
     return name, lambda folder: write(folder / name)
 
 
