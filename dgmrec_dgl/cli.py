@@ -11,6 +11,7 @@ import sys
 import warnings
 from fractions import Fraction
 
+from . import arguments
 from .errors import DataError
 
 
@@ -19,9 +20,9 @@ def _ratio(text: str) -> float:
     try:
         value = float(Fraction(text))
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a ratio such as 0.6 or 2/3") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a ratio; fix: give a ratio such as 0.6 or 2/3") from None
     if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"ratio {text} is outside [0, 1]")
+        raise argparse.ArgumentTypeError(f"ratio {text} is outside [0, 1]; fix: give a ratio in [0, 1]")
     return value
 
 
@@ -35,7 +36,8 @@ def _dims(text: str) -> dict[str, int]:
     for part in text.split(","):
         name, _, dim = part.partition("=")
         if name not in ("image", "text", "audio") or not dim.isdigit() or int(dim) < 1:
-            raise argparse.ArgumentTypeError(f"{part!r}: expected modality=dim with modality image, text or audio")
+            raise argparse.ArgumentTypeError(f"{part!r} is not modality=dim; fix: give e.g. image=4096,text=384 "
+                                             "(modality image, text or audio; dim >= 1)")
         out[name] = int(dim)
     return out
 
@@ -57,9 +59,9 @@ def _cmd_synth(args) -> int:
         overrides["feature_dtype"] = args.feature_dtype
     try:
         config = synthetic.preset(args.preset, **overrides)
-    except ValueError as exc:
-        print(f"dgmrec-dgl data synth: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:     # an unknown preset, or sizes the preset's generator cannot meet
+        raise DataError("<command line>", "data synth", str(exc),
+                        "choose --preset, --users, --items and --dims as `dgmrec-dgl data synth --help` says") from None
     info = synthetic.generate(args.out, config, progress=not args.quiet)
     print(f"wrote {args.out}: {info['n_users']:,} users, {info['n_items']:,} items, "
           f"{info['n_interactions']:,} interactions, {config.feature_dtype} features")
@@ -159,12 +161,6 @@ def _run_train(train, args, config, out):
     return distributed.launch(train, args.nproc, config, out, **kwargs)
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return int(text)
-
-
 def _cmd_evaluate(args) -> int:
     import torch
 
@@ -237,19 +233,19 @@ def _cmd_recommend(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dgmrec-dgl", description=__doc__.splitlines()[0])
+    parser = arguments.OneLineParser(prog="dgmrec-dgl", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="make, check and mask datasets in the MMRec layout")
     data_cmds = data.add_subparsers(dest="data_command", required=True)
 
     synth = data_cmds.add_parser("synth", help="write a synthetic multimodal dataset")
-    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument("--out", type=arguments.folder, required=True, help="output folder")
     synth.add_argument("--preset", default="toy", help="toy, demo, baby, sports, clothing, tiktok, large")
-    synth.add_argument("--users", type=int, help="number of users before 5-core filtering")
-    synth.add_argument("--items", type=int, help="number of items before 5-core filtering")
+    synth.add_argument("--users", type=arguments.count, help="number of users before 5-core filtering")
+    synth.add_argument("--items", type=arguments.count, help="number of items before 5-core filtering")
     synth.add_argument("--dims", type=_dims, help="feature dims, e.g. image=4096,text=384")
-    synth.add_argument("--seed", type=int, help="random seed (default: the preset's)")
+    synth.add_argument("--seed", type=arguments.seed, help="random seed (default: the preset's)")
     synth.add_argument("--feature-dtype", choices=("float32", "float16"),
                        help="dtype of the *_feat.npy files (default float32; float16 halves them)")
     synth.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -272,9 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     dataset_args(mask)
     mask.add_argument("--ratio", type=_ratios, required=True,
                       help="fraction(s) of items missing a modality, e.g. 2/3 or 0.2,0.4,0.6,0.8")
-    mask.add_argument("--seed", type=int, default=2024, help="random seed (same seed → nested masks)")
+    mask.add_argument("--seed", type=arguments.seed, default=2024, help="random seed (same seed → nested masks)")
     mask.add_argument("--modalities", help="e.g. image,text (default: the dataset's feature files)")
-    mask.add_argument("--out", help="folder for the masks (default DIR)")
+    mask.add_argument("--out", type=arguments.folder, help="folder for the masks (default DIR)")
     mask.set_defaults(run=_cmd_mask)
 
     tr = commands.add_parser("train", help="train DGMRec and write a run folder")
@@ -288,11 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--inject", choices=("none", "mean", "nn"),
                     help="feature injection for items missing a modality (for models assuming complete data)")
     tr.add_argument("--new-items", action="store_true", help="the new-items setting (20%% cold-start items)")
-    tr.add_argument("--seed", type=int, help="training seed")
-    tr.add_argument("--epochs", type=int, help="maximum epochs")
-    tr.add_argument("--out", help="run folder (default runs/<model>-<data>-seed<S>)")
+    tr.add_argument("--seed", type=arguments.seed, help="training seed")
+    tr.add_argument("--epochs", type=arguments.count, help="maximum epochs")
+    tr.add_argument("--out", type=arguments.folder, help="run folder (default runs/<model>-<data>-seed<S>)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
-    tr.add_argument("--nproc", type=_positive, default=1,
+    tr.add_argument("--nproc", type=arguments.count, default=1,
                     help="data-parallel worker processes on this machine (gloo; see README)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(run=_cmd_train)

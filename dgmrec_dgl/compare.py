@@ -398,22 +398,17 @@ def _list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in _list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-
-
 def _float_list(text: str) -> list[float]:
     from fractions import Fraction
 
     try:
         values = [float(Fraction(v)) for v in _list(text)]
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ratios") from None
-    if any(not 0.0 <= v < 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"missing ratios must be in [0, 1), got {text}")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ratios; "
+                                         "fix: give e.g. 0,0.2,0.4,0.6,0.8") from None
+    if not values or any(not 0.0 <= v < 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"missing ratios must be in [0, 1), got {text!r}; "
+                                         "fix: give ratios in [0, 1), e.g. 0,0.2,0.4,0.6,0.8")
     return values
 
 
@@ -464,22 +459,24 @@ def run_compare(args) -> int:
 
 def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``compare`` on an ``argparse`` sub-parser set (``set_defaults(run=run_compare)``)."""
+    from . import arguments
+
     p = subparsers.add_parser("compare", help="train several models per seed and write Table-2 style reports")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated, from " + ", ".join(MODELS))
     p.add_argument("--data", help="dataset folder (required unless --quick)")
     p.add_argument("--mask", help="missing-modality mask file (default: the configs' data section)")
     p.add_argument("--missing-ratios", type=_float_list,
                    help="robustness study (Fig. 4): e.g. 0,0.2,0.4,0.6,0.8 (masks generated, nested)")
-    p.add_argument("--seeds", type=_int_list, help="comma-separated training seeds (default 999,42,2023)")
+    p.add_argument("--seeds", type=arguments.seeds, help="comma-separated training seeds (default 999,42,2023)")
     p.add_argument("--new-items", action="store_true", help="the new-items setting")
     p.add_argument("--inject", default="none", choices=("none", "mean", "nn"),
                    help="feature injection for items missing a modality (dgmrec_dgl.inject)")
-    p.add_argument("--epochs", type=int, help="epoch cap (default: the configs', with early stopping)")
-    p.add_argument("--out", required=True, help="output folder (runs are reused from it)")
+    p.add_argument("--epochs", type=arguments.count, help="epoch cap (default: the configs', with early stopping)")
+    p.add_argument("--out", type=arguments.folder, required=True, help="output folder (runs are reused from it)")
     p.add_argument("--config-dir", default=str(DEFAULT_CONFIG_DIR), help="folder with <model>/<name>.yaml")
     p.add_argument("--dataset-config", help="config name per model, e.g. baby (default: base)")
-    p.add_argument("--metric", default="recall@20", help="metric of the robustness curve")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--metric", default="recall@20", choices=METRICS, help="metric of the robustness curve")
+    p.add_argument("--threads", type=arguments.threads, default=0,
                    help="torch (and Numba) threads; 0: torch's default, or 1 with --quick")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="train.keep_freed_memory for every run: faster steps, same metrics, more RSS (glibc only)")

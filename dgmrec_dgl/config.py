@@ -7,21 +7,29 @@ A YAML file has up to four sections, each optional, each checked key by key::
     model:  {name, embedding_dim, n_ui_layers, ...}   # the model's own hyper-parameters
     eval:   {ks, budget_mb}
 
-Defaults are the reference's (``../shared/docs/DGMRec_SPEC.md`` §1, §5). An unknown key or a value of the
-wrong type is a :class:`~dgmrec_dgl.errors.DataError` naming the file, the key and the fix. ``extends:``
-names another YAML file (relative to this one) whose values this file overrides.
+Defaults are the reference's (``../shared/docs/DGMRec_SPEC.md`` §1, §5). An unknown key, a value of the
+wrong type or a value outside its range (:data:`RULES`: positive sizes, finite positive rates, probabilities
+in [0, 1], enum choices, a ``select_metric`` the evaluator computes) is a
+:class:`~dgmrec_dgl.errors.DataError` naming the file, the key, the bad value and the fix, raised before any
+data is read. ``extends:`` names another YAML file (relative to this one) whose values this file overrides.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
+from typing import Callable
 
 import yaml
 
+from .data.dataset import IMPUTATIONS
+from .data.io import FEATURE_DTYPES
 from .errors import DataError
+from .inject import INJECTIONS
 from .io_utils import atomic_write_text
 
 
@@ -72,12 +80,8 @@ class TrainConfig:
     sample_ahead: int = 2
 
     def __setattr__(self, name, value):
-        if name == "sample_ahead" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise DataError("config", "train.sample_ahead", f"must be an integer >= 0, got {value!r}",
-                            "write train.sample_ahead: 2 (or 0 to sample without overlap)")
-        if name == "precision" and value not in PRECISIONS:
-            raise DataError("config", "train.precision", f"unknown precision {value!r}",
-                            f"use one of: {', '.join(PRECISIONS)}")
+        if name == "precision":
+            check_value("config", "train", name, value, TrainConfig)
         super().__setattr__(name, value)
 
 
@@ -93,11 +97,6 @@ class EvalConfig:
     # test of the best model always ranks every test user
     user_sample: int = 0
 
-    def __setattr__(self, name, value):
-        if name == "user_sample" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise DataError("config", "eval.user_sample", f"must be an integer >= 0, got {value!r}",
-                            "write eval.user_sample: 20000 (or 0 for every valid user)")
-        super().__setattr__(name, value)
 
 
 EXECUTIONS = ("full", "blocks", "sampled", "auto")
@@ -112,33 +111,12 @@ SAMPLED_MIN_ITEMS = 25_000
 RENAMED_KEYS = {"model.blocks_min_items": "sampled_min_items"}
 
 
-def _positive_ints(key: str, value, example: str) -> None:
-    if (not isinstance(value, (list, tuple))
-            or not all(isinstance(v, int) and not isinstance(v, bool) and (v > 0 or v == -1) for v in value)):
-        raise DataError("config", key, f"must be a list of integers >= 1 (or -1 for every neighbour), "
-                        f"got {value!r}", f"write {key}: {example}")
-
-
-def _check_execution(name: str, value) -> None:
-    if name == "execution" and value not in EXECUTIONS:
-        raise DataError("config", "model.execution", f"unknown execution mode {value!r}",
-                        f"use one of: {', '.join(EXECUTIONS)}")
-    if name == "sampled_min_items" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-        raise DataError("config", "model.sampled_min_items", f"must be an integer >= 0, got {value!r}",
-                        "give model.sampled_min_items a catalog size, e.g. 25000")
-    if name == "fanouts":
-        _positive_ints("model.fanouts", value, "[10, 10, 10] (one per layer, input layer first)")
-    if name in ("user_items_sample", "item_users_sample") and (
-            not isinstance(value, int) or isinstance(value, bool) or not (value > 0 or value == -1)):
-        raise DataError("config", f"model.{name}", f"must be an integer >= 1 (or -1 for all), got {value!r}",
-                        f"write model.{name}: 20")
-
-
 class _ChecksExecution:
     """Base of the model configs with ``execution``: the sampled-mode keys are checked on assignment."""
 
     def __setattr__(self, name, value):
-        _check_execution(name, value)
+        if name in ("execution", "sampled_min_items", "fanouts", "user_items_sample", "item_users_sample"):
+            check_value("config", "model", name, value, type(self))
         super().__setattr__(name, value)
 
 
@@ -217,15 +195,10 @@ class DGMRecConfig(_ChecksExecution):
     fanouts: tuple[int, ...] = ()
     user_items_sample: int = 20
     item_users_sample: int = 20
-    # Sampled mode only: the modality features of items outside the batch's positives and negatives come
-    # from a table refreshed every history_refresh steps (historical embeddings), so a step encodes only
-    # its own items; 0 re-encodes the step's whole receptive field (README, "Large catalogs").
-    history_refresh: int = 0
 
     def __setattr__(self, name, value):
-        if name == "refine_tolerance" and not 0.0 <= value < 1.0:
-            raise DataError("config", "model.refine_tolerance", f"must lie in [0, 1), got {value!r}",
-                            "use 0 (keep every refined edge, the paper) or a small fraction such as 0.01")
+        if name == "refine_tolerance":
+            check_value("config", "model", name, value, DGMRecConfig)
         super().__setattr__(name, value)
 
 
@@ -309,6 +282,165 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# ---------------------------------------------------------------------- value rules
+@dataclass(frozen=True)
+class Rule:
+    """What one config value may be: ``ok(value)`` is True for an allowed value; ``want`` says it in words.
+
+    ``None`` of an optional field is always allowed and never reaches ``ok``. Values from YAML are of the
+    field's type (``_coerce``); the ``__setattr__`` hooks pass values as given, so ``ok`` checks the type too.
+    """
+
+    want: str
+    ok: Callable[[object], bool]
+
+
+def at_least(low: int) -> Rule:
+    """An integer count or size, ``>= low``."""
+    return Rule(f"an integer >= {low}", lambda v: _is_int(v) and v >= low)
+
+
+def number(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False) -> Rule:
+    """A finite float in the interval from ``low`` to ``high`` (closed ends unless ``*_open``)."""
+    if high == math.inf:
+        want = f"a finite number {'>' if low_open else '>='} {low:g}"
+    else:
+        want = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def ok(v) -> bool:
+        return ((_is_int(v) or isinstance(v, float)) and math.isfinite(v) and (v > low if low_open else v >= low)
+                and (v < high if high_open else v <= high))
+
+    return Rule(want, ok)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule("one of: " + ", ".join(choices), lambda v: v in choices)
+
+
+#: Largest seed: every seed feeds numpy's and torch's generators, which take 0 .. 2**32 - 1 alike.
+SEED_MAX = 2**32 - 1
+SEED = Rule(f"an integer in [0, {SEED_MAX}]", lambda v: _is_int(v) and 0 <= v <= SEED_MAX)
+POSITIVE = number(0.0, low_open=True)          # learning rates, temperatures, epsilons
+WEIGHT = number(0.0)                           # loss weights and L2 coefficients
+FRACTION = number(0.0, 1.0)
+ANY = Rule("any value of the key's type", lambda v: True)     # paths, flags: the type check is all
+#: ``eval.select_metric`` and metric names elsewhere: what :func:`dgmrec_dgl.evaluate.ranking_metrics` computes.
+METRIC_RE = re.compile(r"(recall|ndcg)@([1-9][0-9]*)")
+
+#: Section → key → :class:`Rule`. Every key of every dataclass above has an entry (a test checks it);
+#: the ``model`` rules are shared by the model configs (a key means the same in each). Checked by
+#: :func:`check_value` when a YAML layer sets the key, and for the keys with ``__setattr__`` hooks on
+#: every assignment.
+RULES: dict[str, dict[str, Rule]] = {
+    "data": {
+        "dir": ANY, "inter": ANY, "mask": ANY, "new_items": ANY, "allow_pickle": ANY,
+        "missing_ratio": FRACTION,
+        "mask_seed": SEED, "new_items_seed": SEED, "reduce_seed": SEED,
+        "imputation": one_of(*IMPUTATIONS),
+        "inject": one_of(*INJECTIONS),
+        "feature_dtype": one_of(*FEATURE_DTYPES),
+        "reduce_dims": at_least(1),
+        "reduce_sample": at_least(1),
+    },
+    "train": {
+        "epochs": at_least(1), "batch_size": at_least(1),
+        "lr": POSITIVE, "weight_decay": WEIGHT,
+        "lr_decay": number(0.0, 1.0, low_open=True),      # lr x lr_decay^(epoch / lr_decay_every); 1 = constant
+        "lr_decay_every": at_least(1),
+        "eval_every": at_least(1), "patience": at_least(1),
+        "seed": SEED,
+        "device": one_of("cpu"),
+        "threads": at_least(0),                           # 0: torch's default
+        "precision": one_of(*PRECISIONS),
+        "keep_freed_memory": ANY,
+        "sample_ahead": at_least(0),                      # 0: no overlap of sampling and compute
+    },
+    "eval": {
+        "ks": Rule("a non-empty list of integers >= 1", lambda v: len(v) > 0 and all(k >= 1 for k in v)),
+        "budget_mb": at_least(1),
+        "select_metric": Rule("recall@K or ndcg@K with K in eval.ks", lambda v: METRIC_RE.fullmatch(v) is not None),
+        "user_sample": at_least(0),                       # 0: every valid user
+    },
+    "model": {
+        "name": one_of(*MODEL_CONFIGS),
+        "embedding_dim": at_least(1),
+        # 0 propagation layers is a valid ablation: the layer-0 embeddings (models/lightgcn.py, propagation.py)
+        "n_ui_layers": at_least(0), "n_mm_layers": at_least(0), "n_layers": at_least(0),
+        "n_hyper_layers": at_least(0),
+        "knn_k": at_least(1),
+        "reg_id": WEIGHT, "reg": WEIGHT, "recon": WEIGHT, "additive": WEIGHT, "sampler": WEIGHT,
+        "inter_modal": WEIGHT, "intra_modal": WEIGHT, "align_bm": WEIGHT,
+        "cl_weight": WEIGHT, "rec_weight": WEIGHT, "bpr_weight": WEIGHT,
+        "inter_modal_temp": POSITIVE, "intra_modal_temp": POSITIVE, "align_bm_temp": POSITIVE,
+        "temperature": POSITIVE,
+        "avg_lambda": FRACTION,                           # the old graph keeps 1 - avg_lambda, in [0, 1]
+        "refresh_every": at_least(1),                     # epoch % refresh_every
+        "perturb_eps": WEIGHT,
+        "club_hidden": at_least(1), "club_lr": POSITIVE, "club_steps": at_least(0), "club_batch": at_least(1),
+        "generate": ANY, "generate_multi_missing": ANY, "score_with_refined_graph": ANY, "ot_delta": ANY,
+        "refine_sources": one_of("present", "all"),       # graphs/refine.py
+        "refine_tolerance": number(0.0, 1.0, high_open=True),
+        "knn_index": one_of("auto", "exact", "ivf", "hnsw"),  # graphs/knn.py
+        "execution": one_of(*EXECUTIONS),
+        "sampled_min_items": at_least(0),
+        "fanouts": Rule("a list of integers >= 1 (or -1 for every neighbour), one per user-item layer",
+                        lambda v: isinstance(v, (list, tuple)) and all(_is_int(f) and (f >= 1 or f == -1) for f in v)),
+        "user_items_sample": Rule("an integer >= 1 (or -1 for all)", lambda v: _is_int(v) and (v >= 1 or v == -1)),
+        "item_users_sample": Rule("an integer >= 1 (or -1 for all)", lambda v: _is_int(v) and (v >= 1 or v == -1)),
+
+        # CI2MG (models/ci2mg): the choices are the modules' UI_NORMS, INCIDENCES, SOLVERS, ... (a test checks)
+        "ui_norm": one_of("mean", "sym"),
+        "n_prototypes": at_least(1),
+        "incidence": one_of("cosine", "positive"),
+        "ot_epsilon": POSITIVE,
+        "ot_iterations": at_least(0),                     # 0: the zero potentials (transport.sinkhorn)
+        "ot_block": at_least(1),
+        "ot_solver": one_of("stabilized", "log"),
+        "contrastive": one_of("paper", "release"),
+        "task_activation": one_of("none", "sigmoid"),
+        "generated_for": one_of("missing", "all"),
+    },
+}
+
+
+def check_value(path: str, section: str, key: str, value, owner: type) -> None:
+    """Raise :class:`DataError` naming ``path`` and ``section.key`` unless ``value`` obeys the key's rule.
+
+    ``owner`` is the dataclass holding the key; its default is given as an example in the fix.
+    """
+    rule = RULES[section][key]
+    if value is None or rule.ok(value):
+        return
+    default = next(f for f in dataclasses.fields(owner) if f.name == key).default
+    example = f" (default {_yaml_value(default)})" if default not in (None, dataclasses.MISSING) else ""
+    raise DataError(path, f"{section}.{key}", f"{_yaml_value(value)} is not {rule.want}",
+                    f"use {rule.want}{example}")
+
+
+def _yaml_value(value) -> str:
+    """``value`` as the YAML would spell it (``.nan``, ``[0, 20]``, ``'median'``) for messages."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else ("-.inf" if value < 0 else ".inf")
+    return repr(value)
+
+
+def _check_select_metric(path: str, config: Config) -> None:
+    """``eval.select_metric`` must be one of the metrics the evaluator reports for ``eval.ks``."""
+    metric = config.eval.select_metric
+    names = [f"{m}@{k}" for m in ("recall", "ndcg") for k in config.eval.ks]
+    if metric not in names:
+        k = METRIC_RE.fullmatch(metric).group(2)
+        raise DataError(path, "eval.select_metric", f"{metric!r} is not computed: K = {k} is not in eval.ks "
+                        f"{_yaml_value(config.eval.ks)}", f"use one of: {', '.join(names)}, or add {k} to eval.ks")
+
+
 def _coerce(path: str, key: str, value, kind):
     """Check ``value`` against the dataclass field type ``kind``; ints are accepted for floats."""
     origin = typing.get_origin(kind)
@@ -344,7 +476,9 @@ def _update(path: str, section: str, target, values: dict):
         if key not in names:
             raise DataError(path, f"{section}.{key}", "unknown key",
                             f"use one of: {', '.join(sorted(names))}")
-        setattr(target, key, _coerce(path, f"{section}.{key}", value, hints[key]))
+        value = _coerce(path, f"{section}.{key}", value, hints[key])
+        check_value(path, section, key, value, type(target))
+        setattr(target, key, value)
 
 
 def _read_yaml(path: str) -> dict:
@@ -380,6 +514,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     if overrides:
         layers.append(("<command line>", overrides))
     config = Config()
+    metric_source = "<defaults>"       # the last layer that set eval.ks or eval.select_metric
     for source, raw in layers:
         model_section = raw.get("model") or {}
         name = model_section.get("name", config.model.name) if isinstance(model_section, dict) else None
@@ -394,6 +529,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
             if key not in ("data", "train", "eval", "model"):
                 raise DataError(source, key, "unknown section", "use the sections data, train, eval, model")
             _update(source, key, getattr(config, key), value or {})
+            if key == "eval" and {"ks", "select_metric"} & set(value or {}):
+                metric_source = source
+    _check_select_metric(metric_source, config)
     _check_fanouts(layers[-1][0] if layers else "config", config.model)
     return config
 

@@ -43,6 +43,9 @@ from .reduce import fit_pca
 #: Default feature file of each modality.
 FEATURE_FILES = {"image": "image_feat.npy", "text": "text_feat.npy", "audio": "audio_feat.npy"}
 IMPUTATIONS = ("mean", "zero", "nn")
+#: ids are positions in tables of max id + 1 rows; ids spread further than this many times the number of
+#: distinct ids are refused (a stray 1e11 in a 7,000-item file would allocate hundreds of GB)
+ID_SPREAD_LIMIT = 100
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,9 @@ class Dataset:
             raise DataError(root, "features", "no feature file found (looked for "
                             + ", ".join(FEATURE_FILES.values()) + ")", "add at least one *_feat.npy file")
 
+        _check_id_spread(inter_path, "userID", records.users)
+        if not modalities:          # else the feature files' row counts bound the item ids (load_features)
+            _check_id_spread(inter_path, "itemID", records.items)
         n_users = int(records.users.max()) + 1
         n_items = int(records.items.max()) + 1
         features = {}
@@ -314,6 +320,15 @@ def _find_inter(root: str, inter: str | None) -> str:
                         "add <name>.inter (userID, itemID, x_label) or pass --inter")
     raise DataError(root, "inter", f"several .inter files ({', '.join(map(os.path.basename, candidates))})",
                     "choose one with --inter FILE")
+
+
+def _check_id_spread(path: str, column: str, ids: np.ndarray) -> None:
+    """Refuse ids whose largest is more than :data:`ID_SPREAD_LIMIT` times the number of distinct ids."""
+    largest, distinct = int(ids.max()), np.unique(ids).size
+    if largest + 1 > ID_SPREAD_LIMIT * distinct:
+        raise DataError(path, column, f"id {largest} is far beyond the {distinct:,} distinct ids (tables of "
+                        f"{largest + 1:,} rows would be allocated, over {ID_SPREAD_LIMIT} x the ids in use)",
+                        "re-index the ids to 0..n-1")
 
 
 def _split(path: str, records: Interactions, n_users: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:

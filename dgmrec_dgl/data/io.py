@@ -18,6 +18,12 @@ from ..errors import DataError
 
 INTER_COLUMNS = ("userID", "itemID", "x_label")
 SPLITS = {0: "train", 1: "valid", 2: "test"}
+#: ids must be below this: tables of n_users / n_items rows are indexed with int32 in places (DGL graphs)
+#: and an id of 1e11 would make the loader allocate arrays of that length
+ID_LIMIT = 2**31
+#: the first bytes of a .npy file (numpy.lib.format) and of a pickle of protocol 2 or later
+NPY_MAGIC = b"\x93NUMPY"
+PICKLE_MAGIC = b"\x80"
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,13 @@ def _integer_column(path: str, frame: pd.DataFrame, column: str) -> np.ndarray:
             path, column, f"value {values.iloc[row]!r} on data line {row + 1} is not an integer id",
             "ids must be 0-based integers; re-export the file with integer ids",
         )
+    huge = numeric >= ID_LIMIT
+    if huge.any():
+        row = int(np.flatnonzero(huge.to_numpy())[0])
+        raise DataError(
+            path, column, f"value {values.iloc[row]} on data line {row + 1} is not below 2**31 = {ID_LIMIT:,}",
+            "use 0 for train, 1 for valid and 2 for test" if column == "x_label" else "re-index the ids to 0..n-1",
+        )
     ids = numeric.to_numpy(dtype=np.int64)
     if ids.size and ids.min() < 0:
         row = int(np.argmax(ids < 0))
@@ -67,7 +80,7 @@ def read_inter(path: str | os.PathLike) -> Interactions:
     Duplicate (user, item) pairs keep their first row and are reported with a warning.
 
     Raises:
-        DataError: unreadable file, missing column, non-integer or negative id, label outside {0, 1, 2}.
+        DataError: unreadable file, missing column, non-integer, negative or >= 2**31 id, label outside {0, 1, 2}.
     """
     path = os.fspath(path)
     try:
@@ -113,16 +126,27 @@ def read_inter(path: str | os.PathLike) -> Interactions:
 def load_npy(path: str | os.PathLike, *, field: str, mmap: bool = False) -> np.ndarray:
     """Load a ``.npy`` array without pickles, turning every failure into a :class:`DataError`."""
     path = os.fspath(path)
+    pickled = DataError(path, field, "holds pickled Python objects, which are not loaded (a pickle can run code)",
+                        "save a plain numeric array with numpy.save(path, array)")
     try:
-        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        with open(path, "rb") as handle:
+            start = handle.read(len(NPY_MAGIC))
     except FileNotFoundError:
         raise DataError(path, field, "file does not exist", "check the path or the feature file name") from None
+    except OSError as exc:
+        raise DataError(path, field, f"is unreadable ({exc})", "check the file's permissions") from None
+    if start.startswith(PICKLE_MAGIC):
+        raise pickled
+    if start != NPY_MAGIC:
+        raise DataError(path, field, "is not a .npy file (it does not begin with the NumPy header)",
+                        "save the array with numpy.save")
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise DataError(
-                path, field, "holds pickled Python objects, which are not loaded (a pickle can run code)",
-                "save a plain numeric array with numpy.save(path, array)",
-            ) from None
+        # numpy refuses object arrays as "Object arrays cannot be loaded when allow_pickle=False" and, when
+        # memory-mapping, as "Array can't be memory-mapped: Python objects in dtype"
+        if "object" in str(exc).lower():
+            raise pickled from None
         raise DataError(path, field, f"is truncated or not a valid .npy file ({exc})",
                         "re-create it with numpy.save") from None
     except (OSError, EOFError) as exc:
@@ -263,7 +287,7 @@ def load_features(path: str | os.PathLike, *, field: str, n_items: int, chunk_ro
         dtype: ``float32`` or ``float16``: the dtype a float64 file is converted to.
 
     Raises:
-        DataError: unreadable/truncated file, wrong rank or row count, non-float dtype, NaN or Inf
+        DataError: unreadable/truncated file, wrong rank, row count or width 0, non-float dtype, NaN or Inf
             (also a float64 value that overflows ``dtype``).
     """
     path = os.fspath(path)
@@ -273,6 +297,9 @@ def load_features(path: str | os.PathLike, *, field: str, n_items: int, chunk_ro
     if raw.ndim != 2:
         raise DataError(path, field, f"has shape {raw.shape}, expected [n_items, dim]",
                         "save a 2-D array with one row per item")
+    if raw.shape[1] == 0:
+        raise DataError(path, field, f"has shape {raw.shape}: its rows are empty (width 0)",
+                        "save at least one feature column per item, or remove the file if the modality is absent")
     if raw.shape[0] != n_items:
         raise DataError(
             path, field, f"has {raw.shape[0]} rows but the interactions have {n_items} items",

@@ -19,6 +19,7 @@ import math
 from itertools import combinations as choose
 import os
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -129,8 +130,8 @@ class MissingMask:
             allow_pickle: permit unpickling a ``.npy`` dict (warns; only for files you trust).
 
         Raises:
-            DataError: unreadable file, pickle without permission, unknown key, id out of range,
-                an item listed under two keys.
+            DataError: unreadable file, pickle without permission, unknown key, an array that is not 1-D
+                integer, id out of range, an item listed under two keys.
         """
         path = os.fspath(path)
         raw = cls._read_groups(path, allow_pickle)
@@ -138,10 +139,13 @@ class MissingMask:
         for key, ids in raw.items():
             norm = cls._normalise_key(path, key)
             ids = np.asarray(ids)
+            if ids.ndim != 1:
+                raise DataError(path, f"key '{key}'", f"holds an array of shape {ids.shape}, expected a 1-D "
+                                "array of item ids", "store one 1-D int64 array of item ids per key")
             if ids.size and not np.issubdtype(ids.dtype, np.integer):
                 raise DataError(path, f"key '{key}'", f"holds {ids.dtype} values, expected integer item ids",
                                 "store int64 arrays of item ids")
-            ids = ids.astype(np.int64).ravel()
+            ids = ids.astype(np.int64)
             if ids.size and (ids.min() < 0 or ids.max() >= n_items):
                 bad = ids[(ids < 0) | (ids >= n_items)][0]
                 raise DataError(path, f"key '{key}'", f"item id {bad} is outside 0..{n_items - 1}",
@@ -175,6 +179,9 @@ class MissingMask:
     @staticmethod
     def _read_groups(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
         if path.endswith(".npz"):
+            if os.path.isfile(path) and not zipfile.is_zipfile(path):
+                raise DataError(path, "file", "is not a .npz archive (not a zip file, or a truncated one)",
+                                "re-create it with numpy.savez")
             try:
                 with np.load(path, allow_pickle=False) as archive:
                     return {key: archive[key] for key in archive.files}
@@ -194,8 +201,8 @@ class MissingMask:
                 arr = load_npy(path, field="file")
             except DataError as err:
                 if "pickled" in err.problem:
-                    raise DataError(path, "file", "is a pickled dict, which is not loaded by default "
-                                    "(unpickling can execute code)",
+                    raise DataError(path, "file", "holds pickled Python objects (the study's masks are pickled "
+                                    "dicts), which are not loaded by default (unpickling can execute code)",
                                     "pass --allow-pickle (allow_pickle=True) for a file you trust, "
                                     "or convert it to .npz") from None
                 raise

@@ -127,7 +127,8 @@ class _SparseRows(torch.autograd.Function):
     def backward(ctx, grad):
         rows, order = ctx.saved_tensors
         values = torch.index_select(grad, 0, order)
-        return torch.sparse_coo_tensor(rows.unsqueeze(0), values, ctx.shape, is_coalesced=True), None
+        return torch.sparse_coo_tensor(rows.unsqueeze(0), values, ctx.shape, is_coalesced=True,
+                                       check_invariants=False), None
 
 
 def sparse_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
