@@ -55,7 +55,8 @@ def test_training_mode_follows_the_config(scale):
     assert scale.training_mode("full", 10**6) == "full"
     assert scale.training_mode("blocks", 100) == "blocks"
     assert scale.training_mode("auto", 100) == "full"
-    assert scale.training_mode("auto", 10**6) == "blocks"
+    assert scale.training_mode("auto", 10**6) == "sampled"
+    assert scale.training_mode("sampled", 100) == "sampled"
 
 
 def test_stages_with_dependencies(scale):
@@ -177,3 +178,20 @@ def test_reused_data_and_a_blocks_run(scale, tiny_data):
     assert [r["status"] for r in narrow] == ["ok"] + ["not run"] * (len(scale.STAGES) - 1)
     assert narrow[0]["run"] == generated["run"] and narrow[0]["seconds"] == generated["seconds"]
     assert narrow[0]["reduce_dims"] == '{"image": 128, "text": 128}'
+
+
+def test_a_sampled_run_measures_whole_epochs_whatever_the_budget(scale, tiny_data):
+    work, out = tiny_data
+    assert scale.main(["--sizes", "300", "--work", str(work), "--reuse-data", "--out", str(out),
+                       "--stages", "lightgcn_epoch,dgmrec_epoch", "--execution", "sampled", "--steps", "1",
+                       "--full-epoch-budget", "0", "--threads", "1"]) == 0
+    with open(out / "scale.json") as fh:
+        doc = json.load(fh)
+    by = {r["stage"]: r for r in doc["rows"] if r["run"] == doc["meta"]["started"]}    # this run's rows
+    for stage in ("lightgcn_epoch", "dgmrec_epoch"):
+        row = by[stage]
+        details = json.loads(row["details"])
+        assert row["status"] == "ok" and row["mode"] == "sampled" and row["kind"] == "measured", stage
+        assert details["steps"] == details["steps_per_epoch"] >= 1            # every step of the epoch ran
+        assert details["steps_per_s"] > 0 and 0 < details["compute_share"] <= 1
+        assert details["sampler_busy_s"] > 0
