@@ -10,23 +10,13 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import tiny_rows, write_inter
 from dgmrec_dgl import load
 from dgmrec_dgl.cli import main
 from dgmrec_dgl.errors import DataError
+from test_distributed import make_tiny   # conftest's tiny_dir data in a folder of our choice
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def make_tiny(folder: Path) -> Path:
-    """6 users, 8 items, image and text features: each user has 4 train items (as conftest's tiny_dir)."""
-    folder.mkdir(parents=True)
-    write_inter(folder / "tiny.inter", tiny_rows())
-    rng = np.random.default_rng(1)
-    np.save(folder / "image_feat.npy", rng.normal(size=(8, 16)).astype(np.float32))
-    np.save(folder / "text_feat.npy", rng.normal(size=(8, 4)).astype(np.float32))
-    return folder
 
 
 def train_tiny(tmp: Path, model: str, *extra: str) -> Path:
