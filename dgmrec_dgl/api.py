@@ -250,7 +250,7 @@ def prepare_run(config, out: str | os.PathLike, resume: bool = False) -> None:
     resolve_data_paths(config)
     if resume and os.path.exists(os.path.join(out, "data_fingerprint.json")):
         check_fingerprint(out)
-    else:
+    elif os.environ.get("RANK", "0") == "0":     # under torchrun only rank 0 writes the run folder
         write_fingerprint(config, out)
 
 
