@@ -111,7 +111,9 @@ def _metrics_table(rows: dict[str, dict[str, float]], ks=(10, 20, 50)) -> str:
 
 
 def _cmd_train(args) -> int:
+    from .api import default_run_dir, prepare_run
     from .config import load_config
+    from .plots import write_curves
     from .train import train
 
     overrides: dict[str, dict] = {"data": {}, "train": {}}
@@ -138,9 +140,6 @@ def _cmd_train(args) -> int:
     if args.precision is not None:
         overrides["train"]["precision"] = args.precision
     config = load_config(args.config, overrides)
-    from .api import default_run_dir, prepare_run
-    from .plots import write_curves
-
     out = args.out or default_run_dir(config)
     prepare_run(config, out, resume=args.resume)   # absolute data paths; data_fingerprint.json
     result = _run_train(train, args, config, out)
@@ -195,7 +194,13 @@ _threads = _at_least(0, "2 (0: torch's default)")
 def _int_list(minimum: int, example: str):
     """An argparse type: comma-separated integers >= ``minimum``."""
     item = _at_least(minimum, example)
-    return lambda text: [item(part.strip()) for part in text.split(",") if part.strip()] or item("")
+
+    def parse(text: str) -> list[int]:
+        values = [item(part.strip()) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r} holds no integer; fix: give e.g. {example}")
+        return values
+    return parse
 
 
 def _cmd_evaluate(args) -> int:
@@ -431,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
         "recommend", help="top-k items per user as CSV/Parquet (train items excluded unless --include-seen)",
         description="Top-k items per user from a run's best checkpoint. Each user's train items are excluded "
         "unless --include-seen. Columns: user, rank, item, score, missing (the modalities the item lacks, "
-        "e.g. image+text). Users are processed in chunks of 4096.")
+        f"e.g. image+text). Users are processed in chunks of {RECOMMEND_CHUNK:,}.")
     rec.add_argument("run_dir")
     who = rec.add_mutually_exclusive_group(required=True)
     who.add_argument("--users", type=_int_list(0, "1,2,3"), help="comma-separated user ids, e.g. 1,2,3")
