@@ -287,6 +287,8 @@ def _recommend_users(args, run):
                 raise DataError(args.users_file, f"line {number}", f"{part!r} is not a user id",
                                 "write integer user ids, one per line")
             ids.append(int(part))
+    if not ids:
+        raise DataError(args.users_file, "--users-file", "holds no user id", "write user ids, one per line")
     return run.check_ids(np.asarray(ids, dtype=np.int64), "users", field=f"--users-file {args.users_file}")
 
 

@@ -116,6 +116,9 @@ def test_recommend_users_file_and_bad_input(dgmrec_run, tmp_path, capsys):
     ids.write_text("1\ntwo\n")
     assert main(["recommend", str(dgmrec_run), "--users-file", str(ids)]) == 2
     assert "line 2" in capsys.readouterr().err
+    ids.write_text("\n")
+    assert main(["recommend", str(dgmrec_run), "--users-file", str(ids)]) == 2
+    assert "holds no user id" in capsys.readouterr().err
 
     for flag, value in (("--k", "0"), ("--users", "1,x")):
         args = ["recommend", str(dgmrec_run), "--k", "3", "--users", "1"]
