@@ -210,3 +210,13 @@ def test_changed_data_is_refused_and_old_runs_still_load(tmp_path, capsys):
 
     shutil.rmtree(tmp_path / "tiny")
     assert main(["recommend", str(run), "--users", "0"]) == 2
+
+
+def test_curves_of_a_run_without_validation_and_with_negative_loss_terms(tmp_path):
+    from dgmrec_dgl.plots import write_curves
+
+    records = [{"epoch": e, "loss": {"bpr": 0.7 - 0.1 * e, "club": -0.01 * e}} for e in range(3)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    path = write_curves(tmp_path)
+    assert path == str(tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes().startswith(PNG_MAGIC)
