@@ -10,7 +10,7 @@ the mask is a file), its absolute path, size, modification time and a SHA-256:
 
 :func:`check_fingerprint` raises :class:`~dgmrec_dgl.errors.DataError` when a recorded file is gone, has
 another size or another hash. Run folders written before the fingerprint existed have no such file and
-are not checked.
+are not checked. (The dataset module is imported inside the functions: ``import dgmrec_dgl`` stays light.)
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import json
 import os
 import warnings
 
-from .data.dataset import FEATURE_FILES, _find_inter
 from .errors import DataError
 from .io_utils import atomic_write_json
 
@@ -36,6 +35,8 @@ def resolve_data_paths(config) -> None:
     absolute path of the interaction file (found inside ``data.dir`` when it was a bare name, or the
     folder's only ``.inter`` file when it was unset).
     """
+    from .data.dataset import _find_inter
+
     data = config.data
     if not data.dir:
         raise DataError("config", "data.dir", "is empty", "pass --data DIR (or data=...) or set data.dir")
@@ -49,6 +50,8 @@ def resolve_data_paths(config) -> None:
 
 def data_files(config) -> list[str]:
     """Absolute paths of the files ``config`` trains on: interactions, the feature files, the mask file."""
+    from .data.dataset import FEATURE_FILES, _find_inter
+
     data = config.data
     files = [os.path.abspath(_find_inter(data.dir, data.inter))]
     for name in FEATURE_FILES.values():
