@@ -8,3 +8,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+from .api import Run, fit, load  # noqa: E402  (after the OpenMP setting; api imports torch lazily)
+
+__all__ = ["Run", "fit", "load", "__version__"]

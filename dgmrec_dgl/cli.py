@@ -6,6 +6,7 @@ Bad input ends with exit status 2 and one line naming the file, the field and th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -104,14 +105,17 @@ def _cmd_mask(args) -> int:
 # ---------------------------------------------------------------------- model commands
 def _metrics_table(rows: dict[str, dict[str, float]], ks=(10, 20, 50)) -> str:
     names = [f"{m}@{k}" for m in ("recall", "ndcg") for k in ks]
-    lines = ["split   " + "  ".join(f"{n:>9}" for n in names)]
+    width = max([7, *map(len, rows)])
+    lines = [f"{'split':<{width}} " + "  ".join(f"{n:>9}" for n in names)]
     for split, metrics in rows.items():
-        lines.append(f"{split:<7} " + "  ".join(f"{metrics.get(n, float('nan')):>9.4f}" for n in names))
+        lines.append(f"{split:<{width}} " + "  ".join(f"{metrics.get(n, float('nan')):>9.4f}" for n in names))
     return "\n".join(lines)
 
 
 def _cmd_train(args) -> int:
+    from .api import default_run_dir, prepare_run
     from .config import load_config
+    from .plots import write_curves
     from .train import train
 
     overrides: dict[str, dict] = {"data": {}, "train": {}}
@@ -133,17 +137,23 @@ def _cmd_train(args) -> int:
         overrides["train"]["seed"] = args.seed
     if args.epochs is not None:
         overrides["train"]["epochs"] = args.epochs
+    if args.threads is not None:
+        overrides["train"]["threads"] = args.threads
+    if args.precision is not None:
+        overrides["train"]["precision"] = args.precision
     config = load_config(args.config, overrides)
-    out = args.out or os.path.join("runs", f"{config.model.name}-{os.path.basename(os.path.normpath(config.data.dir))}"
-                                   f"-seed{config.train.seed}")
+    out = args.out or default_run_dir(config)
+    prepare_run(config, out, resume=args.resume)   # absolute data paths; data_fingerprint.json
     result = _run_train(train, args, config, out)
     if result is None:                  # a rank other than 0 under torchrun: rank 0 reports
         return 0
+    curves = write_curves(out)
     if "test" not in result:
         print(f"{out}: no validation ran yet (epochs < eval_every?)")
-        return 0
-    print(f"run folder: {out}   best epoch: {result['best_epoch']}")
-    print(_metrics_table({"valid": result["valid"], "test": result["test"]}, tuple(config.eval.ks)))
+    else:
+        print(f"run folder: {out}   best epoch: {result['best_epoch']}")
+        print(_metrics_table({"valid": result["valid"], "test": result["test"]}, tuple(config.eval.ks)))
+    print(f"curves: {curves}")
     return 0
 
 
@@ -162,19 +172,35 @@ def _run_train(train, args, config, out):
 
 
 def _cmd_evaluate(args) -> int:
-    import torch
+    from .api import load
+    from .io_utils import atomic_write_json
 
-    from .evaluate import evaluate
-    from .train import load_run
-
-    config, dataset, model, g = load_run(args.run_dir)
-    with torch.no_grad():
-        user, item = model.fused(model(g))
-    score = lambda users: user[users] @ item.T  # noqa: E731
-    rows = {split: evaluate(score, dataset, split, config.eval.ks) for split in ("valid", "test")}
-    print(_metrics_table(rows, tuple(config.eval.ks)))
+    run = load(args.run_dir)
+    ks = tuple(args.ks or run.config.eval.ks)
+    splits = ("valid", "test") if args.split == "both" else (args.split,)
+    results = {split: run.evaluate(split, ks) for split in splits}
+    overall = {split: {k: v for k, v in r.items() if "/group=" not in k} for split, r in results.items()}
+    by_level: dict[str, dict[str, dict[str, float]]] = {}   # split -> missing modalities -> metrics
+    for split, r in results.items():
+        for key, value in r.items():
+            name, found, level = key.partition("/group=")
+            if found:
+                by_level.setdefault(split, {}).setdefault(level, {})[name] = value
+    best = run.metrics.get("best_epoch")
+    print(f"run folder: {args.run_dir}   best epoch: {best if best is not None else '-'}")
+    print(_metrics_table(overall, ks))
+    if by_level:
+        print("\nheld-out items by how many modalities they lack (paper Fig. 3)")
+        print(_metrics_table({f"{split} missing {level}": metrics for split, levels in by_level.items()
+                              for level, metrics in sorted(levels.items())}, ks))
+    else:
+        print("\n(no per-missing-level table: the run was trained without missing modalities)")
+    path = os.path.join(args.run_dir, "evaluation.json")
+    atomic_write_json(path, {"run_dir": os.path.abspath(args.run_dir), "best_epoch": best, "ks": list(ks),
+                             "splits": list(splits), "overall": overall, "by_missing_level": by_level})
+    print(f"wrote {path}")
     if args.retrieval:
-        _retrieval(args, config, dataset, model, g)
+        _retrieval(args, run.config, run.dataset, run.model, run.graph)
     return 0
 
 
@@ -204,31 +230,100 @@ def _retrieval(args, config, dataset, model, g) -> None:
     print(f"wrote {path}")
 
 
-def _cmd_recommend(args) -> int:
+#: users per chunk of `recommend`: the rows written at a time (scores inside a chunk follow eval.budget_mb)
+RECOMMEND_CHUNK = 4096
+RECOMMEND_FORMATS = (".csv", ".parquet")
+
+
+def _recommend_users(args, run):
     import numpy as np
-    import torch
 
-    from .train import load_run
+    if args.all_users:
+        return np.arange(run.dataset.n_users, dtype=np.int64)
+    if args.users is not None:
+        return run.check_ids(args.users, "users", field="--users")
+    try:
+        with open(args.users_file) as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise DataError(args.users_file, "--users-file", f"cannot be read ({exc.strerror})",
+                        "pass a file of user ids, one per line") from None
+    ids = []
+    for number, line in enumerate(text.splitlines(), 1):
+        for part in line.replace(",", " ").split():
+            if not part.lstrip("-").isdigit():
+                raise DataError(args.users_file, f"line {number}", f"{part!r} is not a user id",
+                                "write integer user ids, one per line")
+            ids.append(int(part))
+    if not ids:
+        raise DataError(args.users_file, "--users-file", "holds no user id", "write user ids, one per line")
+    return run.check_ids(np.asarray(ids, dtype=np.int64), "users", field=f"--users-file {args.users_file}")
 
-    config, dataset, model, g = load_run(args.run_dir)
-    users = np.array([int(u) for u in args.users.split(",")], dtype=np.int64)
-    if users.min() < 0 or users.max() >= dataset.n_users:
-        raise DataError(args.run_dir, "--users", f"user ids must be in 0..{dataset.n_users - 1}",
-                        "pass ids of users in the run's dataset")
-    with torch.no_grad():
-        user, item = model.fused(model(g))
-        scores = user[torch.from_numpy(users)] @ item.T
-    seen = dataset.train_matrix()
-    for row, u in enumerate(users):
-        scores[row, torch.from_numpy(seen[u].indices.astype(np.int64))] = -torch.inf
-    top = torch.topk(scores, min(args.k, dataset.n_items), dim=1).indices.numpy()
-    missing = {m: ~dataset.present[m] for m in dataset.modalities}
-    for u, items in zip(users, top):
-        tags = []
-        for i in items:
-            lacks = [m for m in dataset.modalities if missing[m][i]]
-            tags.append(f"{i}" + (f"(no {'+'.join(lacks)})" if lacks else ""))
-        print(f"user {u}: " + " ".join(tags))
+
+@contextlib.contextmanager
+def _recommendation_writer(out: str | None):
+    """A ``write(frame, first)`` for CSV on stdout, or a CSV or Parquet file that appears only when complete."""
+    if out is None:
+        yield lambda frame, first: frame.to_csv(sys.stdout, header=first, index=False, float_format="%.6g")
+        return
+    from .io_utils import atomic_path
+
+    suffix = os.path.splitext(out)[1].lower()
+    with atomic_path(out, suffix=suffix) as tmp:
+        if suffix == ".csv":
+            with open(tmp, "w", newline="") as fh:
+                yield lambda frame, first: frame.to_csv(fh, header=first, index=False, float_format="%.6g")
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pa.schema([("user", pa.int64()), ("rank", pa.int64()), ("item", pa.int64()),
+                            ("score", pa.float32()), ("missing", pa.string())])
+        with pq.ParquetWriter(tmp, schema) as writer:
+            yield lambda frame, first: writer.write_table(pa.Table.from_pandas(frame, schema=schema,
+                                                                               preserve_index=False))
+
+
+def _cmd_recommend(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .api import load
+
+    if args.out is not None:
+        suffix = os.path.splitext(args.out)[1].lower()
+        if suffix not in RECOMMEND_FORMATS:
+            raise DataError(args.out, "--out", f"unknown format {suffix or '(no extension)'!r}",
+                            "name a .csv or .parquet file")
+        if suffix == ".parquet":
+            try:
+                import pyarrow.parquet  # noqa: F401
+            except ImportError:
+                raise DataError(args.out, "--out", "writing Parquet needs pyarrow, which is not installed",
+                                "write .csv instead, or pip install pyarrow") from None
+    run = load(args.run_dir)
+    users = _recommend_users(args, run)
+    rows = 0
+    with _recommendation_writer(args.out) as write, \
+            tqdm(total=len(users), unit="user", desc="recommend", file=sys.stderr) as bar:
+        for start in range(0, len(users), RECOMMEND_CHUNK):
+            chunk = users[start:start + RECOMMEND_CHUNK]
+            frame = run.recommend(chunk, args.k, exclude_seen=not args.include_seen, approximate=args.approximate)
+            write(frame, start == 0)
+            rows += len(frame)
+            bar.update(len(chunk))
+    how = ("train items included" if args.include_seen else "train items excluded") + \
+        (", approximate (HNSW)" if args.approximate else ", exact")
+    summary = f"{rows:,} rows for {len(users):,} users, k={args.k}, {how}"
+    print(f"wrote {args.out}: {summary}" if args.out else summary, file=sys.stdout if args.out else sys.stderr)
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from .plots import plot_curves
+
+    if not args.out.lower().endswith(".png"):
+        raise DataError(args.out, "--out", "is not a .png file", "name the output F.png")
+    print(f"wrote {plot_curves(args.run_dirs, args.out)}")
     return 0
 
 
@@ -291,21 +386,44 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--nproc", type=arguments.count, default=1,
                     help="data-parallel worker processes on this machine (gloo; see README)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.add_argument("--threads", type=arguments.threads, help="torch and Numba threads (train.threads; 0: torch's default)")
+    tr.add_argument("--precision", choices=("fp32", "bf16"),
+                    help="arithmetic of the training steps (train.precision; bf16: not for ci2mg)")
     tr.set_defaults(run=_cmd_train)
 
-    ev = commands.add_parser("evaluate", help="full-ranking valid/test metrics of a run's best checkpoint")
+    ev = commands.add_parser("evaluate", help="full-ranking metrics of a run's best checkpoint, overall and by "
+                             "missing level; writes RUN/evaluation.json")
     ev.add_argument("run_dir")
+    ev.add_argument("--split", choices=("valid", "test", "both"), default="both", help="default both")
+    ev.add_argument("--ks", type=arguments.integer_list(1), help="cut-offs, e.g. 10,20,50 (default: the run's eval.ks)")
     ev.add_argument("--retrieval", action="store_true",
                     help="also cross-modal retrieval Hit@10/20 of generated features vs the NN baseline")
-    ev.add_argument("--max-queries", type=int, default=5000, metavar="N",
+    ev.add_argument("--max-queries", type=arguments.integer(0), default=5000, metavar="N",
                     help="retrieval queries per modality and missing level, a seeded sample (0 = all)")
     ev.set_defaults(run=_cmd_evaluate)
 
-    rec = commands.add_parser("recommend", help="top-k items for users (works for items missing modalities)")
+    rec = commands.add_parser(
+        "recommend", help="top-k items per user as CSV/Parquet (train items excluded unless --include-seen)",
+        description="Top-k items per user from a run's best checkpoint. Each user's train items are excluded "
+        "unless --include-seen. Columns: user, rank, item, score, missing (the modalities the item lacks, "
+        f"e.g. image+text). Users are processed in chunks of {RECOMMEND_CHUNK:,}.")
     rec.add_argument("run_dir")
-    rec.add_argument("--users", required=True, help="comma-separated user ids")
-    rec.add_argument("--k", type=int, default=20)
+    who = rec.add_mutually_exclusive_group(required=True)
+    who.add_argument("--users", type=arguments.integer_list(0), help="comma-separated user ids, e.g. 1,2,3")
+    who.add_argument("--users-file", metavar="F", help="a file of user ids (one per line, or comma-separated)")
+    who.add_argument("--all-users", action="store_true", help="every user of the run's dataset")
+    rec.add_argument("--k", type=arguments.count, default=20, help="items per user (default 20)")
+    rec.add_argument("--out", help="recs.csv or recs.parquet (Parquet needs pyarrow; default: CSV on stdout)")
+    rec.add_argument("--include-seen", action="store_true", help="keep each user's train items in the ranking")
+    rec.add_argument("--approximate", action="store_true",
+                     help="search an HNSW inner-product index (FAISS) instead of scoring every item "
+                     "(large catalogs; its recall@K against exact is in the README)")
     rec.set_defaults(run=_cmd_recommend)
+
+    plot = commands.add_parser("plot", help="training curves of one or more runs (overlaid) into a PNG")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN")
+    plot.add_argument("--out", default="curves.png", help="the PNG to write (default curves.png)")
+    plot.set_defaults(run=_cmd_plot)
 
     from .compare import add_compare_parser
 
