@@ -100,22 +100,31 @@ class EvalConfig:
 
 
 EXECUTIONS = ("full", "blocks", "sampled", "auto")
-#: ``execution: auto`` trains in sampled mode from this many items on (``sampled_min_items``), in full mode
-#: below. The default sits above the largest reference catalog (Clothing, 23,033 items), so `auto` keeps the
-#: reference's maths on every reference-sized dataset. Measured, one DGMRec step in full mode (batch 2048,
-#: image 4096-d + text 384-d, 2/3 missing, 2 threads): 0.64-0.67 s at 7,066 items, 1.39-1.45 s at 18,553,
-#: 4.35-4.45 s at 50,000 (an epoch there: ~2,100 s); the sampled step's cost does not grow with the catalog
-#: (README, "Large catalogs").
-SAMPLED_MIN_ITEMS = 25_000
-#: keys renamed since runs were recorded: an old run's config.yaml still loads (``compare`` reuses it)
-RENAMED_KEYS = {"model.blocks_min_items": "sampled_min_items"}
+#: ``execution: auto`` picks ``full`` below ``blocks_min_items`` items, ``blocks`` from there (DGMRec; the other
+#: models' blocks mode is their full step) and ``sampled`` from ``sampled_min_items`` items on. One DGMRec
+#: training step (batch 2048, image 4096-d + text 384-d, 2/3 missing, n_mm_layers 1, 2 threads; median of
+#: 5-8 steps, two runs each), seconds full -> blocks, peak RSS during the steps in GB:
+#:     7,066 items (baby preset)      0.64-0.67 -> 0.64-0.72   2.2 -> 2.2
+#:    18,553 items (sports preset)    1.39-1.45 -> 1.24-1.29   3.8 -> 3.6
+#:    50,000 items (100K users)       4.35-4.45 -> 3.92-3.98   7.7-8.0 -> 7.4
+#:   200,000 items (image 256-d)      9.40-9.79 -> 4.05-4.07   7.3 -> 6.3
+#: Blocks mode breaks even between 7K and 19K items; the threshold sits above the largest reference catalog
+#: (Clothing, 23,033 items), so `auto` keeps the all-item reconstruction loss on every reference-sized dataset.
+BLOCKS_MIN_ITEMS = 25_000
+#: Sampled mode pays once a step's sampled receptive field is a small part of the graph. At 50K items (100K
+#: users, 1.5M train interactions) three fanout-10 hops from a 2,048-triple batch reached 97% of the users
+#: and every item, and LightGCN's sampled step took 0.61 s against 0.28 s for the full-graph step (loaded
+#: machine); at 1M items (2M users, 30.9M interactions) 5.6 s against 13.0 s. Measured between those two
+#: sizes is still to do; until then `auto` samples from 200,000 items on.
+SAMPLED_MIN_ITEMS = 200_000
 
 
 class _ChecksExecution:
     """Base of the model configs with ``execution``: the sampled-mode keys are checked on assignment."""
 
     def __setattr__(self, name, value):
-        if name in ("execution", "sampled_min_items", "fanouts", "user_items_sample", "item_users_sample"):
+        if name in ("execution", "blocks_min_items", "sampled_min_items", "fanouts", "user_items_sample",
+                    "item_users_sample"):
             check_value("config", "model", name, value, type(self))
         super().__setattr__(name, value)
 
@@ -123,7 +132,9 @@ class _ChecksExecution:
 def resolve_execution(config, n_items: int) -> str:
     """``full``, ``blocks`` or ``sampled``: the mode ``config.execution`` selects for ``n_items`` items."""
     if config.execution == "auto":
-        return "sampled" if n_items >= config.sampled_min_items else "full"
+        if n_items >= config.sampled_min_items:
+            return "sampled"
+        return "blocks" if n_items >= config.blocks_min_items else "full"
     return config.execution
 
 
@@ -186,8 +197,10 @@ class DGMRecConfig(_ChecksExecution):
     # How a training step computes what its loss reads (README, "Large catalogs: model.execution"): full
     # (the whole graph every step), blocks (the modality branch only for the batch's items, on exact DGL
     # blocks; recon over those items), sampled (everything on blocks drawn by DGL's neighbour samplers; an
-    # approximation) or auto (sampled when n_items >= sampled_min_items, else full).
+    # approximation) or auto (full below blocks_min_items items, blocks from there, sampled from
+    # sampled_min_items on).
     execution: str = "auto"
+    blocks_min_items: int = BLOCKS_MIN_ITEMS
     sampled_min_items: int = SAMPLED_MIN_ITEMS
     # Sampled mode only. fanouts: neighbours drawn per node and user-item layer (DGL's order: input layer
     # first; -1 = all), one per n_ui_layers (empty: 10 each). user_items_sample: train items per batch user averaged in the
@@ -212,6 +225,7 @@ class MFBPRConfig(_ChecksExecution):
     # sampled: a step reads and updates only its rows (row-sparse gradients, lazy Adam); auto: sampled
     # from sampled_min_items items on; blocks is full here. No graph, so the gradients are the full mode's.
     execution: str = "auto"
+    blocks_min_items: int = BLOCKS_MIN_ITEMS
     sampled_min_items: int = SAMPLED_MIN_ITEMS
 
 
@@ -227,6 +241,7 @@ class LightGCNConfig(_ChecksExecution):
     # whole graph, see dgmrec_dgl.models.lightgcn_rec), sampled (DGL neighbour-sampled blocks, fanouts per
     # layer, input layer first, -1 = all; empty: 10 each) or auto (sampled from sampled_min_items items on).
     execution: str = "auto"
+    blocks_min_items: int = BLOCKS_MIN_ITEMS
     sampled_min_items: int = SAMPLED_MIN_ITEMS
     fanouts: tuple[int, ...] = ()
 
@@ -387,7 +402,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "refine_tolerance": number(0.0, 1.0, high_open=True),
         "knn_index": one_of("auto", "exact", "ivf", "hnsw"),  # graphs/knn.py
         "execution": one_of(*EXECUTIONS),
-        "sampled_min_items": at_least(0),
+        "blocks_min_items": at_least(0), "sampled_min_items": at_least(0),
         "fanouts": Rule("a list of integers >= 1 (or -1 for every neighbour), one per user-item layer",
                         lambda v: isinstance(v, (list, tuple)) and all(_is_int(f) and (f >= 1 or f == -1) for f in v)),
         "user_items_sample": Rule("an integer >= 1 (or -1 for all)", lambda v: _is_int(v) and (v >= 1 or v == -1)),
@@ -472,7 +487,6 @@ def _update(path: str, section: str, target, values: dict):
     hints = typing.get_type_hints(type(target))
     names = {f.name for f in dataclasses.fields(target)}
     for key, value in values.items():
-        key = RENAMED_KEYS.get(f"{section}.{key}", key)
         if key not in names:
             raise DataError(path, f"{section}.{key}", "unknown key",
                             f"use one of: {', '.join(sorted(names))}")

@@ -87,6 +87,7 @@ CONFIG_CASES = [
     (None, "model", "refine_sources", "some"), (None, "model", "refine_tolerance", "1.0"),
     (None, "model", "knn_index", "annoy"),
     (None, "model", "execution", "minibatch"), (None, "model", "sampled_min_items", "-1"),
+    (None, "model", "blocks_min_items", "-1"),
     (None, "model", "fanouts", "[10, 0, 10]"), (None, "model", "fanouts", "[-2, 10, 10]"),
     (None, "model", "user_items_sample", "0"), (None, "model", "item_users_sample", "-5"),
     (None, "train", "sample_ahead", "-1"), (None, "eval", "user_sample", "-100"),

@@ -55,6 +55,7 @@ def test_training_mode_follows_the_config(scale):
     assert scale.training_mode("full", 10**6) == "full"
     assert scale.training_mode("blocks", 100) == "blocks"
     assert scale.training_mode("auto", 100) == "full"
+    assert scale.training_mode("auto", 10**5) == "blocks"
     assert scale.training_mode("auto", 10**6) == "sampled"
     assert scale.training_mode("sampled", 100) == "sampled"
 

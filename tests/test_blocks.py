@@ -137,22 +137,24 @@ def test_gradients_of_the_non_recon_loss_match_between_modes(sparse_dir):
 
 
 def test_execution_auto_picks_by_catalog_size_and_bad_values_are_refused(sparse_dir):
-    ds, model, _ = make(sparse_dir, execution="auto", sampled_min_items=10**9)
+    ds, model, _ = make(sparse_dir, execution="auto", blocks_min_items=10**9, sampled_min_items=10**9)
     assert model.execution() == "full"
+    model.config.blocks_min_items = ds.n_items
+    assert model.execution() == "blocks"
     model.config.sampled_min_items = ds.n_items
     assert model.execution() == "sampled"
     for cls in (DGMRecConfig, LightGCNConfig, MFBPRConfig):
-        assert resolve_execution(cls(execution="auto", sampled_min_items=10), 10) == "sampled"
-        assert resolve_execution(cls(execution="auto", sampled_min_items=10), 9) == "full"
+        assert resolve_execution(cls(execution="auto", blocks_min_items=5, sampled_min_items=10), 10) == "sampled"
+        assert resolve_execution(cls(execution="auto", blocks_min_items=5, sampled_min_items=10), 9) == "blocks"
+        assert resolve_execution(cls(execution="auto", blocks_min_items=5, sampled_min_items=10), 4) == "full"
         assert resolve_execution(cls(execution="blocks"), 1) == "blocks"
         with pytest.raises(DataError, match="full, blocks, sampled, auto"):
             cls(execution="minibatch")
     with pytest.raises(DataError, match="model.execution.*use one of: full, blocks, sampled, auto"):
         load_config("configs/lightgcn/base.yaml", {"model": {"execution": "minibatch"}})
-    with pytest.raises(DataError, match="sampled_min_items"):
-        load_config("configs/dgmrec/base.yaml", {"model": {"sampled_min_items": -1}})
-    # the key's former name, as recorded in earlier runs' config.yaml, still loads
-    assert load_config("configs/dgmrec/base.yaml", {"model": {"blocks_min_items": 7}}).model.sampled_min_items == 7
+    for key in ("blocks_min_items", "sampled_min_items"):
+        with pytest.raises(DataError, match=key):
+            load_config("configs/dgmrec/base.yaml", {"model": {key: -1}})
 
 
 def test_lightgcn_accepts_blocks_and_runs_the_full_pass(sparse_dir):

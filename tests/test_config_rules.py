@@ -60,7 +60,7 @@ EDGE_VALUES = [
                      "feature_dtype": "float16"}}),
     (None, {"eval": {"ks": [1], "select_metric": "ndcg@1", "budget_mb": 1}}),
     (None, {"model": {"n_ui_layers": 0, "n_mm_layers": 0, "club_steps": 0, "avg_lambda": 0, "perturb_eps": 0,
-                      "refine_tolerance": 0, "knn_k": 1, "recon": 0, "sampled_min_items": 0, "refine_sources": "all",
+                      "refine_tolerance": 0, "knn_k": 1, "recon": 0, "blocks_min_items": 0, "sampled_min_items": 0, "refine_sources": "all",
                       "knn_index": "ivf", "execution": "blocks"}}),
     (None, {"model": {"avg_lambda": 1, "refine_tolerance": 0.99, "inter_modal_temp": 1e-6}}),
     ("lightgcn", {"model": {"n_layers": 0, "reg": 0}}),
