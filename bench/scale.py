@@ -20,19 +20,24 @@ that size. Stages, in the order they execute in the second process:
    ``from_dataset`` then reuses these graphs (its ``build_knn`` is temporarily pointed at them), so the
    rest of the model construction is timed separately (``dgmrec_epoch`` details, ``model_init_s``). The
    graphs are built on the features as loaded (the 256-d PCA image where the image is reduced).
-4. ``lightgcn_epoch`` and ``dgmrec_epoch``: one training epoch done the way :func:`dgmrec_dgl.train.train`
-   does it (``build_model``, ``make_graph``, fused Adam, BPR triples from the Numba sampler, batches of
-   2048: ``model.loss(*model.batch_forward(g, users, pos, neg), generator)``, ``backward``, ``step``; for
-   DGMRec first ``before_epoch`` of epoch 0: CLUB steps and the generation of missing rows, no
-   refinement). ``--execution`` (``full | blocks | auto``, default ``auto``) is both models'
-   ``model.execution``; the mode it resolves to is the row's ``mode``: with ``auto`` DGMRec runs in
-   ``blocks`` mode from ``blocks_min_items`` (25,000) items on (the batch's item-side modality work on DGL
-   blocks, the ID branch on the whole graph), LightGCN always runs its full-graph step (``mode = full``).
-   First 1 warm-up step (lazy graph formats, Adam state; reported, not counted), then ``--steps`` (5)
-   timed steps. If the projected epoch is shorter than ``--full-epoch-budget`` seconds a complete epoch
-   is then run and its wall time reported (``kind = measured``); otherwise the epoch is
-   **extrapolated** (``kind = extrapolated``): ``seconds = before_epoch + triple sampling + steps per
-   epoch x median step`` (steps per epoch = ceil(train interactions / 2048)); every term is in the details.
+4. ``lightgcn_epoch`` and ``dgmrec_epoch``: one training epoch the way :func:`dgmrec_dgl.train.train` runs
+   it: ``build_model``, ``make_graph``, the trainer's optimiser, BPR triples from the Numba sampler, and the
+   batches of :func:`dgmrec_dgl.train.epoch_batches` fed to :func:`dgmrec_dgl.train.training_step` (the one
+   training step of every mode); for DGMRec first ``before_epoch`` of epoch 0 (CLUB steps and the
+   generation of missing rows, no refinement), timed apart. ``--execution`` (default ``sampled``; ``full``,
+   ``blocks``, ``auto``) is both models' ``model.execution``, and ``--fanouts``, ``--user-items-sample``,
+   ``--item-users-sample`` their sampled-mode sizes (default: the config's); the mode a model resolved to
+   is the row's ``mode``.
+   **Sampled mode: every epoch row is a whole epoch, measured** (``kind = measured``, whatever the budget):
+   wall and CPU seconds, steps per second, the median and 90th-percentile step, and where the time went:
+   ``sampler_busy_s`` (the sampler thread drawing blocks, overlapped with the steps), ``step_wait_s`` (steps
+   waiting for a batch), ``step_compute_s`` and their shares of the epoch (``--sample-ahead`` batches are
+   drawn ahead; 0 measures without overlap).
+   Other modes: 1 warm-up step (lazy graph formats, Adam state; reported, not counted), then ``--steps``
+   (5) timed steps. If the projected epoch is shorter than ``--full-epoch-budget`` seconds a complete epoch
+   is then run and its wall time reported (``kind = measured``); otherwise the epoch is **extrapolated**
+   (``kind = extrapolated``): ``seconds = before_epoch + triple sampling + steps per epoch x median step``
+   (steps per epoch = ceil(train interactions / 2048)); every term is in the details.
 5. ``refine``: one ``DGMRec.refine_graphs`` (Eq. 16 on the rows of the items missing each modality,
    sources = present items), on the model after its timed steps.
 6. ``evaluate``: one full-ranking pass over every test user of the DGMRec model
@@ -96,7 +101,7 @@ extrapolated) into ``--out`` (``bench/results``) atomically after every size, an
 growth exponents ``b`` (time ~ n^b) between sizes trained at the same widths. Data go to ``--work``
 (default: a temporary folder, deleted at the end).
 
-    python bench/scale.py --quick                   # 50K only, < 10 min (1.5 min here at load average 1-2)
+    python bench/scale.py --quick                   # 50K only, sampled mode, image PCA-256 (as the 1M preset)
     python bench/scale.py --sizes 200000            # one more size, added to the results
     python bench/scale.py --sizes 50000 --reduce always   # 50K with the image at 256 dims
     python bench/scale.py --sizes 1000000 --work /data/scale --stages generate --keep-data   # data only
@@ -470,7 +475,9 @@ def _config(model: str, spec: dict):
     data = {"dir": spec["data"], "missing_ratio": spec["missing_ratio"], "feature_dtype": spec["feature_dtype"],
             "reduce_dims": None}
     train = {"seed": spec["seed"], "threads": spec["threads"]}
-    return load_config(None, {"model": {"name": model, "execution": spec["execution"]}, "data": data,
+    sampling = {key: spec[key] for key in ("fanouts", "user_items_sample", "item_users_sample")
+                if spec.get(key) is not None and (key == "fanouts" or model == "dgmrec")}
+    return load_config(None, {"model": {"name": model, "execution": spec["execution"], **sampling}, "data": data,
                               "train": train})
 
 
@@ -968,7 +975,8 @@ def parse_stages(text: str) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="50K items only (< 10 min)")
+    p.add_argument("--quick", action="store_true",
+                   help="50K items only, at the 1M preset's widths (image PCA-256, text 384) unless --reduce is given")
     p.add_argument("--sizes", type=lambda s: [int(float(v)) for v in s.split(",")], default=None,
                    help="catalog sizes (items before filtering), e.g. 50000,200000")
     p.add_argument("--work", type=Path, default=None, help="data folder (default: a temporary one, deleted)")
@@ -979,8 +987,12 @@ def main(argv=None) -> int:
     p.add_argument("--stages", type=parse_stages, default=list(STAGES),
                    help=f"comma-separated subset of {','.join(STAGES)}; the stages they depend on run too, "
                         "and the rows of the others are kept from earlier runs")
-    p.add_argument("--execution", default="auto", choices=EXECUTIONS,
-                   help="model.execution of both models (auto: sampled mode from sampled_min_items items on)")
+    p.add_argument("--execution", default="sampled", choices=EXECUTIONS,
+                   help="model.execution of both models (default sampled; auto: the config's choice by size)")
+    p.add_argument("--fanouts", type=lambda t: [int(v) for v in t.split(",")], default=None,
+                   help="sampled mode: model.fanouts of both models, input layer first (default: the config's)")
+    p.add_argument("--user-items-sample", type=int, default=None, help="sampled mode: DGMRec's model.user_items_sample")
+    p.add_argument("--item-users-sample", type=int, default=None, help="sampled mode: DGMRec's model.item_users_sample")
     p.add_argument("--sample-ahead", type=int, default=2,
                    help="sampled mode: batches drawn ahead of the step by the sampler thread (0: no overlap)")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -1018,6 +1030,8 @@ def main(argv=None) -> int:
         return 0
 
     sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
+    if args.quick and args.reduce == "auto":
+        args.reduce = "always"          # the 1M preset's widths (image PCA-256, text 384), in minutes
     env = dict(os.environ)
     if args.omp_wait_policy != "inherit":
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
@@ -1026,6 +1040,8 @@ def main(argv=None) -> int:
     vm = psutil.virtual_memory()
     stages = with_dependencies(args.stages)
     meta = dict(sizes=sizes, stages=stages, execution=args.execution, sample_ahead=args.sample_ahead,
+                fanouts=args.fanouts, user_items_sample=args.user_items_sample,
+                item_users_sample=args.item_users_sample,
                 reuse_data=args.reuse_data, dims=DIMS,
                 users_per_item=USERS_PER_ITEM, mean_interactions=MEAN_INTERACTIONS,
                 missing_ratio=args.missing_ratio, feature_dtype_on_disk="float16", feature_dtype=args.feature_dtype,
@@ -1061,7 +1077,8 @@ def main(argv=None) -> int:
                         shape=nominal_shape(n), steps=args.steps, full_epoch_budget=args.full_epoch_budget,
                         eval_sample=args.eval_sample, eval_budget=args.eval_budget, threads=args.threads,
                         execution=args.execution, stages=stages, ignore_estimates=args.ignore_estimates,
-                        sample_ahead=args.sample_ahead)
+                        sample_ahead=args.sample_ahead, fanouts=args.fanouts,
+                        user_items_sample=args.user_items_sample, item_users_sample=args.item_users_sample)
             print(f"[{time.time() - t_start:7.1f}s] {n:,} items: trained at {width_label(tuple(dims.values()))}"
                   + (f" (PCA, reduce_dims={reduce_dims})" if reduce_dims else " (full width)")
                   + f", stages {','.join(stages)}", flush=True)
