@@ -16,9 +16,8 @@ most one ``[chunk_rows, d_m]`` gradient slice exists at a time. Dense gradients 
 the optimiser state has Adam's layout, so checkpoints load either way.
 
 ``lazy=True`` (sampled mode) is the other choice, the one ``torch.optim.SparseAdam`` and DGL's sparse
-optimisers make: a sparse gradient updates only its listed rows, whose moments and parameters go through
-the same fused kernel gathered as a ``[n_rows, d_m]`` block and are scattered back; every other row keeps
-its moments and its value. The bias correction uses the parameter's step count (one per step in which it
+optimisers make: a sparse gradient updates only its listed rows, in place, in one pass of the Numba kernel
+:func:`kernels.adam.lazy_adam_rows`; every other row keeps its moments and its value. The bias correction uses the parameter's step count (one per step in which it
 had a gradient), as SparseAdam does. A sampled step at 1M items reads a few hundred thousand rows of tables
 of ~2M user rows and ~1M item rows of width up to 384, so the dense maths would pass over all of them three
 times per step; the lazy one touches what the step read. It is a different optimiser (a row unread for a
@@ -29,6 +28,8 @@ applies to the listed rows only.
 from __future__ import annotations
 
 import torch
+
+from kernels.adam import lazy_adam_rows
 
 __all__ = ["RowSparseAdam"]
 
@@ -86,10 +87,12 @@ class RowSparseAdam(torch.optim.Adam):
                        weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
                        grad_scale=None, found_inf=None)
         if self.lazy:
-            blocks = [torch.index_select(t, 0, rows) for t in (p, state["exp_avg"], state["exp_avg_sq"])]
-            kernel([blocks[0]], [values.contiguous()], [blocks[1]], [blocks[2]], [], [step], **options)
-            for t, block in zip((p, state["exp_avg"], state["exp_avg_sq"]), blocks):
-                t.index_copy_(0, rows, block)
+            if group["maximize"]:
+                raise ValueError("RowSparseAdam(lazy=True) does not support maximize")
+            flat = [t.view(t.shape[0], -1).numpy() for t in (p.detach(), state["exp_avg"], state["exp_avg_sq"])]
+            lazy_adam_rows(*flat, rows.numpy(), values.contiguous().view(len(rows), -1).numpy(), lr=group["lr"],
+                           beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"], step=int(step),
+                           weight_decay=group["weight_decay"], decoupled=bool(group.get("decoupled_weight_decay")))
             state["step"] = step
             return
         n = p.shape[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,3 +70,24 @@ def test_bad_arguments_are_refused():
         RowSparseAdam(params, amsgrad=True)
     with pytest.raises(ValueError, match="chunk_rows"):
         RowSparseAdam(params, chunk_rows=0)
+
+
+@pytest.mark.parametrize("weight_decay, adamw", [(0.0, False), (0.01, False), (0.01, True)])
+def test_lazy_kernel_equals_torch_adam_when_every_row_is_read(weight_decay, adamw):
+    """Listing every row each step, the lazy update is dense Adam's (and AdamW's) step."""
+    from kernels.adam import lazy_adam_rows
+
+    torch.manual_seed(0)
+    ref = torch.nn.Parameter(torch.randn(7, 5))
+    cls = torch.optim.AdamW if adamw else torch.optim.Adam
+    opt = cls([ref], lr=0.05, weight_decay=weight_decay)
+    ours = ref.detach().clone().numpy()
+    m, v = np.zeros_like(ours), np.zeros_like(ours)
+    for step in range(1, 6):
+        grad = torch.randn(7, 5)
+        ref.grad = grad.clone()
+        opt.step()
+        order = np.random.default_rng(step).permutation(7)          # any row order
+        lazy_adam_rows(ours, m, v, order, np.ascontiguousarray(grad.numpy()[order]), lr=0.05, beta1=0.9,
+                       beta2=0.999, eps=1e-8, step=step, weight_decay=weight_decay, decoupled=adamw)
+    np.testing.assert_allclose(ours, ref.detach().numpy(), rtol=0, atol=2e-6)
