@@ -5,10 +5,17 @@ Per epoch (the reference schedule, DGMRec_SPEC §1 and §4):
 1. ``model.before_epoch``: for DGMRec the CLUB estimator steps, the generation of the raw-feature rows of
    items missing a modality and, every ``refresh_every`` epochs, the refinement of their kNN rows (Eq. 16).
 2. BPR triples (one uniform negative per train interaction, Numba sampler), mini-batches, Adam with the
-   lr multiplied by ``lr_decay^(epoch / lr_decay_every)``; each step's loss reads
-   ``model.batch_forward`` (the whole graph, or DGMRec's exact blocks with ``model.execution: blocks``).
-3. Every ``eval_every`` epochs: valid Recall@20 (full ranking); the best model is checkpointed atomically
-   and tested; training stops after ``patience`` validations without improvement.
+   lr multiplied by ``lr_decay^(epoch / lr_decay_every)``. Each batch is made by ``model.sample_batch``
+   (:func:`epoch_batches`: in sampled mode on a background thread, ahead of the steps) and fed to
+   :func:`training_step`, the one step of every mode (full, blocks, sampled, data-parallel shards, the
+   benchmarks), whose loss reads ``model.batch_forward``.
+3. Every ``eval_every`` epochs: valid Recall@20 (full ranking; ``eval.user_sample`` users if set); the best
+   model is checkpointed atomically and tested on every test user; training stops after ``patience``
+   validations without improvement.
+
+:func:`train` reads as its pieces: :func:`_setup` (data, model, graph, optimisers), :func:`_restore`
+(resume or a fresh folder), then per epoch :func:`run_epoch`, :func:`validate_and_keep_best` and
+:func:`_checkpoint`.
 
 Each epoch appends one JSON line to ``log.jsonl`` (losses; seconds in training, generation/refinement and
 evaluation). ``last.pt`` is written atomically after every epoch, so ``resume=True`` continues a killed
