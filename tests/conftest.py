@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny hand-made dataset folder and the path of the study's real splits."""
+"""Shared fixtures: a tiny hand-made dataset folder, a sparse synthetic one and the path of the study's real splits."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import numba
 import numpy as np
 import pytest
 import torch
+
+from dgmrec_dgl.data import synthetic
 
 # Small tensors: one intra-op thread (torch) and one worker (Numba's sampler) avoid idle OpenMP threads
 # spinning against the machine's two cores.
@@ -50,6 +52,15 @@ def shared_split(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is not available (../shared/data beside the repository)")
     return path
+
+
+@pytest.fixture(scope="module")
+def sparse_dir(tmp_path_factory):
+    """~600 users, ~670 items, ~7 train items per user: a batch's items are a third of the catalog."""
+    out = tmp_path_factory.mktemp("blocks") / "sparse"
+    synthetic.generate(out, synthetic.preset("toy", n_users=600, n_items=800, mean_interactions=10.0, core=3,
+                                             dims={"image": 48, "text": 24}, seed=3), progress=False)
+    return out
 
 
 @pytest.fixture(autouse=True)

@@ -24,15 +24,6 @@ ATOL = 1e-6
 LOSS_PARTS = ("bpr", "reg", "ui_align", "bm_align", "inter_modal", "club", "gen")
 
 
-@pytest.fixture(scope="module")
-def sparse_dir(tmp_path_factory):
-    """~600 users, ~670 items, ~7 train items per user: a batch's items are a third of the catalog."""
-    out = tmp_path_factory.mktemp("blocks") / "sparse"
-    synthetic.generate(out, synthetic.preset("toy", n_users=600, n_items=800, mean_interactions=10.0, core=3,
-                                             dims={"image": 48, "text": 24}, seed=3), progress=False)
-    return out
-
-
 def make(data_dir, **model):
     config = load_config("configs/dgmrec/base.yaml", {"data": {"dir": str(data_dir), "missing_ratio": 2 / 3},
                                                       "model": model})

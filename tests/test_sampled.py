@@ -15,7 +15,6 @@ import torch
 
 from dgmrec_dgl.cli import main
 from dgmrec_dgl.config import load_config
-from dgmrec_dgl.data import synthetic
 from dgmrec_dgl.errors import DataError
 from dgmrec_dgl.graphs.hetero import IU, UI
 from dgmrec_dgl.graphs.sampling import lightgcn_blocks, sample_ui_blocks, seed_sampling
@@ -26,15 +25,6 @@ from dgmrec_dgl.optim import RowSparseAdam
 from dgmrec_dgl.train import epoch_batches, load_dataset, train
 
 LOSS_PARTS = ("bpr", "reg", "ui_align", "bm_align", "inter_modal", "club", "gen")
-
-
-@pytest.fixture(scope="module")
-def sparse_dir(tmp_path_factory):
-    """~600 users, ~670 items, ~7 train items per user: a batch's items are a third of the catalog."""
-    out = tmp_path_factory.mktemp("sampled") / "sparse"
-    synthetic.generate(out, synthetic.preset("toy", n_users=600, n_items=800, mean_interactions=10.0, core=3,
-                                             dims={"image": 48, "text": 24}, seed=3), progress=False)
-    return out
 
 
 def make(data_dir, name="dgmrec", **model):
