@@ -209,18 +209,18 @@ class Run:
         return self._index
 
     # ------------------------------------------------------------------ metrics
-    def evaluate(self, split: str = "test", ks=None) -> dict[str, float]:
+    def evaluate(self, split: str = "test", ks=None, *, progress: bool = False) -> dict[str, float]:
         """Full-ranking Recall@K / NDCG@K of the checkpoint on ``split`` (``valid`` or ``test``).
 
         With a missing-modality mask, adds ``<metric>/group=g``: the metric over held-out items lacking g
-        modalities (the paper's Fig. 3).
+        modalities (the paper's Fig. 3). ``progress``: a bar over the user chunks of a long evaluation.
         """
         from .evaluate import evaluate
 
         user, item = self._tensors()
         groups = self.dataset.mask.n_missing() if self.dataset.mask is not None else None
         return evaluate(lambda users: user[users] @ item.T, self.dataset, split, ks or self.config.eval.ks,
-                        budget_bytes=self.config.eval.budget_mb << 20, item_groups=groups)
+                        budget_bytes=self.config.eval.budget_mb << 20, item_groups=groups, progress=progress)
 
 
 def load(run_dir: str | os.PathLike) -> Run:

@@ -178,7 +178,7 @@ def _cmd_evaluate(args) -> int:
     run = load(args.run_dir)
     ks = tuple(args.ks or run.config.eval.ks)
     splits = ("valid", "test") if args.split == "both" else (args.split,)
-    results = {split: run.evaluate(split, ks) for split in splits}
+    results = {split: run.evaluate(split, ks, progress=not args.quiet) for split in splits}
     overall = {split: {k: v for k, v in r.items() if "/group=" not in k} for split, r in results.items()}
     by_level: dict[str, dict[str, dict[str, float]]] = {}   # split -> missing modalities -> metrics
     for split, r in results.items():
@@ -304,7 +304,7 @@ def _cmd_recommend(args) -> int:
     users = _recommend_users(args, run)
     rows = 0
     with _recommendation_writer(args.out) as write, \
-            tqdm(total=len(users), unit="user", desc="recommend", file=sys.stderr) as bar:
+            tqdm(total=len(users), unit="user", desc="recommend", file=sys.stderr, disable=args.quiet) as bar:
         for start in range(0, len(users), RECOMMEND_CHUNK):
             chunk = users[start:start + RECOMMEND_CHUNK]
             frame = run.recommend(chunk, args.k, exclude_seen=not args.include_seen, approximate=args.approximate)
@@ -385,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     tr.add_argument("--nproc", type=arguments.count, default=1,
                     help="data-parallel worker processes on this machine (gloo; see README)")
-    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.add_argument("--quiet", action="store_true",
+                    help="no progress bars (epochs; steps of a long epoch; chunks of a long evaluation)")
     tr.add_argument("--threads", type=arguments.threads, help="torch and Numba threads (train.threads; 0: torch's default)")
     tr.add_argument("--precision", choices=("fp32", "bf16"),
                     help="arithmetic of the training steps (train.precision; bf16: not for ci2mg)")
@@ -395,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "missing level; writes RUN/evaluation.json")
     ev.add_argument("run_dir")
     ev.add_argument("--split", choices=("valid", "test", "both"), default="both", help="default both")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.add_argument("--ks", type=arguments.integer_list(1), help="cut-offs, e.g. 10,20,50 (default: the run's eval.ks)")
     ev.add_argument("--retrieval", action="store_true",
                     help="also cross-modal retrieval Hit@10/20 of generated features vs the NN baseline")
@@ -415,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--k", type=arguments.count, default=20, help="items per user (default 20)")
     rec.add_argument("--out", help="recs.csv or recs.parquet (Parquet needs pyarrow; default: CSV on stdout)")
     rec.add_argument("--include-seen", action="store_true", help="keep each user's train items in the ranking")
+    rec.add_argument("--quiet", action="store_true", help="no progress bar")
     rec.add_argument("--approximate", action="store_true",
                      help="search an HNSW inner-product index (FAISS) instead of scoring every item "
                      "(large catalogs; its recall@K against exact is in the README)")
