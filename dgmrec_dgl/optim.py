@@ -34,6 +34,21 @@ from kernels.adam import lazy_adam_rows
 __all__ = ["RowSparseAdam"]
 
 
+def _sorted_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, values)`` of a row-sparse gradient, rows sorted and distinct, coalescing only if needed.
+
+    A gradient from :func:`dgmrec_dgl.models.base.sparse_rows` already has sorted distinct rows, but autograd
+    drops its "coalesced" mark, and ``coalesce()`` sorts again (0.15 s of a LightGCN step at 1M items, for
+    446K + 326K rows); one comparison of neighbouring rows tells whether that is needed.
+    """
+    if not grad.is_coalesced():
+        rows = grad._indices()[0]
+        if len(rows) < 2 or bool((rows[1:] > rows[:-1]).all()):
+            return rows, grad._values()
+        grad = grad.coalesce()
+    return grad.indices()[0], grad.values()
+
+
 class RowSparseAdam(torch.optim.Adam):
     """``torch.optim.Adam(fused=True)`` that also accepts sparse (row) gradients; see the module docstring.
 
@@ -79,8 +94,7 @@ class RowSparseAdam(torch.optim.Adam):
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        grad = grad.coalesce()
-        rows, values = grad.indices()[0], grad.values()          # sorted, unique rows; values [nnz, ...]
+        rows, values = _sorted_rows(grad)                         # sorted, unique rows; values [nnz, ...]
         step = state["step"] + 1
         kernel = torch._fused_adamw_ if group.get("decoupled_weight_decay") else torch._fused_adam_
         options = dict(amsgrad=False, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
