@@ -183,16 +183,18 @@ def test_lazy_adam_matches_sparse_adam_and_leaves_unread_rows_alone():
     assert moved.tolist() == [r == 2 for r in range(10)]    # dense Adam would move rows 0, 1, 3, 7 by momentum
 
 
+def sampled_config(data_dir):
+    return load_config("configs/dgmrec/base.yaml", {
+        "data": {"dir": str(data_dir), "missing_ratio": 2 / 3},
+        "train": {"epochs": 2, "eval_every": 1, "batch_size": 512, "lr": 0.01},
+        "eval": {"user_sample": 100},
+        "model": {"execution": "sampled", "fanouts": [5, 5, 5], "user_items_sample": 3, "item_users_sample": 3}})
+
+
 def test_two_sampled_trainings_with_one_seed_give_the_same_metrics(sparse_dir, tmp_path):
     results = []
     for run in ("a", "b"):
-        config = load_config("configs/dgmrec/base.yaml", {
-            "data": {"dir": str(sparse_dir), "missing_ratio": 2 / 3},
-            "train": {"epochs": 2, "eval_every": 1, "batch_size": 512, "lr": 0.01},
-            "eval": {"user_sample": 100},
-            "model": {"execution": "sampled", "fanouts": [5, 5, 5], "user_items_sample": 3,
-                      "item_users_sample": 3}})
-        results.append(train(config, str(tmp_path / run), progress=False))
+        results.append(train(sampled_config(sparse_dir), str(tmp_path / run), progress=False))
         log = [json.loads(line) for line in open(tmp_path / run / "log.jsonl")]
         assert [r["execution"] for r in log] == ["sampled", "sampled"]
         assert log[0]["valid"]["n_users"] == 100          # validations rank a sample of the valid users
@@ -200,6 +202,10 @@ def test_two_sampled_trainings_with_one_seed_give_the_same_metrics(sparse_dir, t
     assert results[0]["execution"] == "sampled"
     assert results[0]["test"]["n_users"] > 100            # the test ranks every test user
     assert results[0]["valid"] == results[1]["valid"] and results[0]["test"] == results[1]["test"]
+    # killed after one epoch and resumed: the lazy Adam state and the batch seeds carry over
+    train(sampled_config(sparse_dir), str(tmp_path / "part"), progress=False, max_epochs=1)
+    resumed = train(sampled_config(sparse_dir), str(tmp_path / "part"), resume=True, progress=False)
+    assert resumed["valid"] == results[0]["valid"] and resumed["test"] == results[0]["test"]
 
 
 @pytest.mark.parametrize("model, value, key", [
