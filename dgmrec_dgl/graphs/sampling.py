@@ -90,7 +90,7 @@ def sample_ui_blocks(g, users: torch.Tensor, items: torch.Tensor, fanouts: list[
     return blocks
 
 
-def lightgcn_blocks(blocks: list, user0: torch.Tensor, item0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def lightgcn_blocks(blocks: list, user0: torch.Tensor, item0: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Layer-mean LightGCN embeddings of the seeds, on blocks from :func:`sample_ui_blocks`.
 
     Args:
@@ -98,15 +98,19 @@ def lightgcn_blocks(blocks: list, user0: torch.Tensor, item0: torch.Tensor) -> t
         user0, item0: layer-0 embeddings of ``blocks[0]``'s source users ``[n_src_u, d]`` and items ``[n_src_i, d]``.
 
     Returns:
-        ``([n_u, d], [n_i, d])``: ``(1/(L+1)) sum_l E^(l)`` at the seed users and items, in seed order.
+        ``(user, item, user_seed0, item_seed0)``: ``(1/(L+1)) sum_l E^(l)`` at the seed users ``[n_u, d]`` and
+        items ``[n_i, d]``, in seed order, and the seeds' layer-0 rows (the first rows of ``user0`` / ``item0``;
+        one slice each, shared by the layer sum and any other use, so the backward pass zero-fills the
+        ``[n_src, d]`` gradient of the input rows once per table, not once per use).
     """
     n_u, n_i = blocks[-1].num_dst_nodes("user"), blocks[-1].num_dst_nodes("item")
-    user_sum, item_sum = user0[:n_u], item0[:n_i]
+    user_seed0, item_seed0 = user0[:n_u], item0[:n_i]
+    user_sum, item_sum = user_seed0, item_seed0
     user, item = user0, item0
     for block in blocks:
         user, item = propagate(block, IU, item), propagate(block, UI, user)
         user_sum, item_sum = user_sum + user[:n_u], item_sum + item[:n_i]
-    return user_sum / (len(blocks) + 1), item_sum / (len(blocks) + 1)
+    return user_sum / (len(blocks) + 1), item_sum / (len(blocks) + 1), user_seed0, item_seed0
 
 
 def sample_one_hop(g, etype, dst: torch.Tensor, fanout: int):

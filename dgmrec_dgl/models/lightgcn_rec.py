@@ -104,7 +104,6 @@ def sampled_layer_means(user_table: torch.Tensor, item_table: torch.Tensor, bloc
     The layer-0 rows of the receptive field are read through sparse embeddings, so the tables get
     row-sparse gradients; the returned layer-0 rows are the seeds' (the first rows of the sources).
     """
-    user0 = sparse_rows(user_table, src_ids(blocks[0], "user"))
-    item0 = sparse_rows(item_table, src_ids(blocks[0], "item"))
-    user, item = lightgcn_blocks(blocks, user0, item0)
-    return user0[:len(user)], item0[:len(item)], (user, item)
+    user, item, user0, item0 = lightgcn_blocks(blocks, sparse_rows(user_table, src_ids(blocks[0], "user")),
+                                               sparse_rows(item_table, src_ids(blocks[0], "item")))
+    return user0, item0, (user, item)
