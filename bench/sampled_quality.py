@@ -112,7 +112,9 @@ def main(argv=None) -> int:
 
     from dgmrec_dgl.compare import DEFAULT_CONFIG_DIR, model_config, run_one
 
-    rows = []
+    rows = []          # earlier calls' rows are kept (a call may cover some datasets, models or seeds only)
+    if (args.out / "sampled_quality.json").exists():
+        rows = json.loads((args.out / "sampled_quality.json").read_text())["runs"]
     for dataset in args.datasets.split(","):
         folder, mask = prepare(dataset, args.work)
         for model in args.models.split(","):
@@ -127,6 +129,7 @@ def main(argv=None) -> int:
                     folder_out = run_dir(args.out, dataset, model, mode, seed)
                     t = time.time()
                     result = run_one(config, folder_out)
+                    rows = [r for r in rows if (r["dataset"], r["model"], r["mode"], r["seed"]) != (dataset, model, mode, seed)]
                     rows.append({"dataset": dataset, "model": model, "mode": mode, "seed": seed,
                                  "best_epoch": result.get("best_epoch"), "epochs": result.get("epochs_run"),
                                  "seconds": result.get("seconds"), "reused": bool(result.get("reused")),
