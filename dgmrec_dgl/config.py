@@ -142,17 +142,21 @@ def resolve_execution(config, n_items: int) -> str:
 DEFAULT_FANOUT = 10
 
 
+def _layers_key(config) -> str:
+    """The key holding a model config's user–item layer count (DGMRec: ``n_ui_layers``; LightGCN: ``n_layers``)."""
+    return "n_ui_layers" if hasattr(config, "n_ui_layers") else "n_layers"
+
+
 def layer_fanouts(config) -> list[int]:
     """The fanout of each user–item layer (input layer first): ``config.fanouts``, or 10 for every layer."""
-    n_layers = config.n_ui_layers if hasattr(config, "n_ui_layers") else config.n_layers
-    return list(config.fanouts) or [DEFAULT_FANOUT] * n_layers
+    return list(config.fanouts) or [DEFAULT_FANOUT] * getattr(config, _layers_key(config))
 
 
 def _check_fanouts(source: str, model) -> None:
     """``model.fanouts``, when given, must have one entry per propagation layer."""
     if not getattr(model, "fanouts", ()):
         return
-    key = "n_ui_layers" if hasattr(model, "n_ui_layers") else "n_layers"
+    key = _layers_key(model)
     n_layers = getattr(model, key)
     if len(model.fanouts) != n_layers:
         raise DataError(source, "model.fanouts", f"has {len(model.fanouts)} entries but model.{key} is {n_layers}",

@@ -142,6 +142,16 @@ def sparse_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return _SparseRows.apply(table, ids)
 
 
+def distinct_rows(users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor):
+    """A batch's sorted distinct users and items (of ``pos ∪ neg``), and the triples as rows of them.
+
+    Returns ``(users [n_u], items [n_i], (user rows [B], pos rows [B], neg rows [B]))``.
+    """
+    seed_users, user_rows = torch.unique(users, return_inverse=True)
+    seed_items, item_rows = torch.unique(torch.cat([pos, neg]), return_inverse=True)
+    return seed_users, seed_items, (user_rows, item_rows[:len(pos)], item_rows[len(pos):])
+
+
 def scalar_parts(parts: dict) -> dict[str, float]:
     """Loss parts as plain floats for logging (detached from the graph)."""
     return {k: float(torch.as_tensor(v).detach()) for k, v in parts.items()}

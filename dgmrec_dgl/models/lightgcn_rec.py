@@ -28,7 +28,7 @@ import torch
 from ..config import LightGCNConfig, layer_fanouts, resolve_execution
 from ..graphs.blocks import src_ids
 from ..graphs.sampling import lightgcn_blocks, sample_ui_blocks
-from .base import Batch, Recommender, gather_rows, scalar_parts, sparse_rows
+from .base import Batch, Recommender, distinct_rows, gather_rows, scalar_parts, sparse_rows
 from .dgmrec.losses import bpr_loss, emb_loss
 from .lightgcn import LightGCN
 
@@ -88,14 +88,12 @@ class LightGCNRecommender(Recommender):
 def sampled_seeds(g, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, fanouts: list[int]) -> dict:
     """The sampled user–item blocks onto a batch's distinct users and items, and the batch as rows of them.
 
-    Returns ``{"blocks": [...], "rows": (users, pos, neg)}``: the rows index the seeds (sorted distinct users;
-    sorted distinct items of ``pos ∪ neg``), which are the first rows of every block's sources.
+    Returns ``{"blocks": [...], "rows": (users, pos, neg), "items": seed items}``: the rows index the seeds
+    (sorted distinct users; sorted distinct items of ``pos ∪ neg``), which are the first rows of every
+    block's sources.
     """
-    seed_users, user_rows = torch.unique(users, return_inverse=True)
-    seed_items, item_rows = torch.unique(torch.cat([pos, neg]), return_inverse=True)
-    blocks = sample_ui_blocks(g, seed_users, seed_items, fanouts)
-    return {"blocks": blocks, "rows": (user_rows, item_rows[:len(pos)], item_rows[len(pos):]),
-            "users": seed_users, "items": seed_items}
+    seed_users, seed_items, rows = distinct_rows(users, pos, neg)
+    return {"blocks": sample_ui_blocks(g, seed_users, seed_items, fanouts), "rows": rows, "items": seed_items}
 
 
 def sampled_layer_means(user_table: torch.Tensor, item_table: torch.Tensor, blocks: list):

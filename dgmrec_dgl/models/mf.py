@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config import MFBPRConfig, resolve_execution
-from .base import Batch, Recommender, gather_rows, scalar_parts, sparse_rows
+from .base import Batch, Recommender, distinct_rows, gather_rows, scalar_parts, sparse_rows
 from .dgmrec.losses import bpr_loss, emb_loss
 
 
@@ -58,10 +58,8 @@ class MFBPR(Recommender):
         batch as rows of them."""
         if self.execution() != "sampled":
             return super().batch_forward(g, batch)
-        users, user_rows = torch.unique(batch.users, return_inverse=True)
-        items, item_rows = torch.unique(torch.cat([batch.pos, batch.neg]), return_inverse=True)
-        reps = (sparse_rows(self.user_emb, users), sparse_rows(self.item_emb, items))
-        return reps, user_rows, item_rows[:len(batch.pos)], item_rows[len(batch.pos):]
+        users, items, rows = distinct_rows(batch.users, batch.pos, batch.neg)
+        return (sparse_rows(self.user_emb, users), sparse_rows(self.item_emb, items)), *rows
 
     def loss(self, reps, users, pos, neg, generator=None):
         user, item = reps           # the tables (or the batch's rows of them) themselves
