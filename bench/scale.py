@@ -475,8 +475,8 @@ def _config(model: str, spec: dict):
     data = {"dir": spec["data"], "missing_ratio": spec["missing_ratio"], "feature_dtype": spec["feature_dtype"],
             "reduce_dims": None}
     train = {"seed": spec["seed"], "threads": spec["threads"]}
-    sampling = {key: spec[key] for key in ("fanouts", "user_items_sample", "item_users_sample")
-                if spec.get(key) is not None and (key == "fanouts" or model == "dgmrec")}
+    sampling = {key: spec[key] for key in ("fanouts", "user_items_sample", "item_users_sample", "history_every")
+                if spec.get(key) is not None and (key in ("fanouts", "history_every") or model == "dgmrec")}
     return load_config(None, {"model": {"name": model, "execution": spec["execution"], **sampling}, "data": data,
                               "train": train})
 
@@ -544,6 +544,10 @@ def _train_epoch(model, dataset, config, spec: dict, rec: dict, before_epoch: bo
         step_s = r.pop("step_s")
         r.pop("step_cpu_s")
         compute = sum(step_s)
+        histories = [h for h in (getattr(model, "history", None), getattr(model, "modality_history", None)) if h]
+        rec.update(history_every=histories[0].every if histories else 0,
+                   history_refreshes=max((h.refreshes for h in histories), default=0),
+                   history_refresh_s=sum(h.seconds for h in histories))
         rec.update(r, kind="measured", batch_size=tcfg.batch_size, sample_ahead=spec["sample_ahead"],
                    median_step_s=statistics.median(step_s), p90_step_s=float(np.percentile(step_s, 90)),
                    steps_per_s=r["steps"] / (compute + r["step_wait_s"]), step_compute_s=compute,
@@ -993,6 +997,8 @@ def main(argv=None) -> int:
                    help="sampled mode: model.fanouts of both models, input layer first (default: the config's)")
     p.add_argument("--user-items-sample", type=int, default=None, help="sampled mode: DGMRec's model.user_items_sample")
     p.add_argument("--item-users-sample", type=int, default=None, help="sampled mode: DGMRec's model.item_users_sample")
+    p.add_argument("--history-every", type=int, default=None,
+                   help="sampled mode: model.history_every of both models (steps between history refreshes; 0: off)")
     p.add_argument("--sample-ahead", type=int, default=2,
                    help="sampled mode: batches drawn ahead of the step by the sampler thread (0: no overlap)")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -1041,7 +1047,7 @@ def main(argv=None) -> int:
     stages = with_dependencies(args.stages)
     meta = dict(sizes=sizes, stages=stages, execution=args.execution, sample_ahead=args.sample_ahead,
                 fanouts=args.fanouts, user_items_sample=args.user_items_sample,
-                item_users_sample=args.item_users_sample,
+                item_users_sample=args.item_users_sample, history_every=args.history_every,
                 reuse_data=args.reuse_data, dims=DIMS,
                 users_per_item=USERS_PER_ITEM, mean_interactions=MEAN_INTERACTIONS,
                 missing_ratio=args.missing_ratio, feature_dtype_on_disk="float16", feature_dtype=args.feature_dtype,
@@ -1078,7 +1084,8 @@ def main(argv=None) -> int:
                         eval_sample=args.eval_sample, eval_budget=args.eval_budget, threads=args.threads,
                         execution=args.execution, stages=stages, ignore_estimates=args.ignore_estimates,
                         sample_ahead=args.sample_ahead, fanouts=args.fanouts,
-                        user_items_sample=args.user_items_sample, item_users_sample=args.item_users_sample)
+                        user_items_sample=args.user_items_sample, item_users_sample=args.item_users_sample,
+                        history_every=args.history_every)
             print(f"[{time.time() - t_start:7.1f}s] {n:,} items: trained at {width_label(tuple(dims.values()))}"
                   + (f" (PCA, reduce_dims={reduce_dims})" if reduce_dims else " (full width)")
                   + f", stages {','.join(stages)}", flush=True)

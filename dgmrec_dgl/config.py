@@ -124,7 +124,7 @@ class _ChecksExecution:
 
     def __setattr__(self, name, value):
         if name in ("execution", "blocks_min_items", "sampled_min_items", "fanouts", "user_items_sample",
-                    "item_users_sample"):
+                    "item_users_sample", "history_every"):
             check_value("config", "model", name, value, type(self))
         super().__setattr__(name, value)
 
@@ -150,6 +150,12 @@ def _layers_key(config) -> str:
 def layer_fanouts(config) -> list[int]:
     """The fanout of each user–item layer (input layer first): ``config.fanouts``, or 10 for every layer."""
     return list(config.fanouts) or [DEFAULT_FANOUT] * getattr(config, _layers_key(config))
+
+
+def drawn_fanouts(config) -> list[int]:
+    """The fanouts a sampled step draws: every layer's, or with historical embeddings the seeds' layer only."""
+    fanouts = layer_fanouts(config)
+    return fanouts[-1:] if config.history_every else fanouts
 
 
 def _check_fanouts(source: str, model) -> None:
@@ -212,6 +218,10 @@ class DGMRecConfig(_ChecksExecution):
     fanouts: tuple[int, ...] = ()
     user_items_sample: int = 20
     item_users_sample: int = 20
+    # Sampled mode only: 0 = every step propagates through its sampled L hops; R > 0 = one hop around the
+    # batch, the rest read from historical embeddings recomputed over the whole graph every R steps and at
+    # every epoch start (dgmrec_dgl.models.history; the seeds' layer fanout, fanouts[-1], is drawn).
+    history_every: int = 0
 
     def __setattr__(self, name, value):
         if name == "refine_tolerance":
@@ -248,6 +258,7 @@ class LightGCNConfig(_ChecksExecution):
     blocks_min_items: int = BLOCKS_MIN_ITEMS
     sampled_min_items: int = SAMPLED_MIN_ITEMS
     fanouts: tuple[int, ...] = ()
+    history_every: int = 0             # as DGMRecConfig.history_every
 
 
 @dataclass
@@ -411,6 +422,7 @@ RULES: dict[str, dict[str, Rule]] = {
                         lambda v: isinstance(v, (list, tuple)) and all(_is_int(f) and (f >= 1 or f == -1) for f in v)),
         "user_items_sample": Rule("an integer >= 1 (or -1 for all)", lambda v: _is_int(v) and (v >= 1 or v == -1)),
         "item_users_sample": Rule("an integer >= 1 (or -1 for all)", lambda v: _is_int(v) and (v >= 1 or v == -1)),
+        "history_every": at_least(0),                     # steps between refreshes of the histories; 0 = off
 
         # CI2MG (models/ci2mg): the choices are the modules' UI_NORMS, INCIDENCES, SOLVERS, ... (a test checks)
         "ui_norm": one_of("mean", "sym"),

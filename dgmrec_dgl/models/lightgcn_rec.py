@@ -18,18 +18,21 @@ items on synthetic catalogs of 7K, 19K and 50K items), so an exact block would o
 it. ``sampled`` propagates over L blocks drawn by DGL's neighbour sampler (``model.fanouts`` per layer,
 :mod:`dgmrec_dgl.graphs.sampling`): an unbiased estimate of each layer, exact when every fanout reaches the
 largest degree. The step then reads the layer-0 rows of the sampled receptive field only, through sparse
-embeddings, and the lazy Adam steps those rows.
+embeddings, and the lazy Adam steps those rows. With ``history_every: R`` a sampled step propagates over one
+sampled hop and reads layers 2..L from historical embeddings refreshed every R steps
+(:mod:`dgmrec_dgl.models.history`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..config import LightGCNConfig, layer_fanouts, resolve_execution
+from ..config import LightGCNConfig, drawn_fanouts, resolve_execution
 from ..graphs.blocks import src_ids
 from ..graphs.sampling import lightgcn_blocks, sample_ui_blocks
 from .base import Batch, Recommender, distinct_rows, gather_rows, scalar_parts, sparse_rows
 from .dgmrec.losses import bpr_loss, emb_loss
+from .history import Histories, lightgcn_history, one_hop_layer_means
 from .lightgcn import LightGCN
 
 
@@ -45,6 +48,7 @@ class LightGCNRecommender(Recommender):
         super().__init__()
         self.config = config
         self.backbone = LightGCN(n_users, n_items, config.embedding_dim, config.n_layers)
+        self.history = Histories(config.history_every)
 
     @classmethod
     def from_dataset(cls, dataset, config: LightGCNConfig) -> LightGCNRecommender:
@@ -64,15 +68,20 @@ class LightGCNRecommender(Recommender):
         """Sampled mode: the L user–item blocks onto the batch's distinct users and items (DGL's sampler)."""
         if self.execution() != "sampled":
             return Batch(users, pos, neg)
-        return Batch(users, pos, neg, sampled_seeds(g, users, pos, neg, layer_fanouts(self.config)))
+        return Batch(users, pos, neg, sampled_seeds(g, users, pos, neg, drawn_fanouts(self.config)))
 
     def batch_forward(self, g, batch: Batch):
         """Full mode: ``(self(g), users, pos, neg)``. Sampled: ``((user, item, user layer 0, item layer 0), rows)``
         at the batch's seeds, and the batch as rows of them."""
         if not batch.drawn:
             return super().batch_forward(g, batch)
-        user0, item0, (user, item) = sampled_layer_means(self.backbone.user, self.backbone.item, batch.drawn["blocks"])
+        user0, item0, (user, item) = sampled_id_branch(self.backbone.user, self.backbone.item, g, batch.drawn,
+                                                       self.history, self.config.n_layers)
         return (user, item, user0, item0), *batch.drawn["rows"]
+
+    def before_epoch(self, epoch, g, generator=None):
+        self.history.invalidate()
+        return g, {}
 
     def loss(self, reps, users, pos, neg, generator=None):
         """BPR + reg on ``reps``: ``(user, item)`` of :meth:`forward` (layer 0 = the tables) or sampled mode's 4-tuple."""
@@ -94,6 +103,15 @@ def sampled_seeds(g, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, 
     """
     seed_users, seed_items, rows = distinct_rows(users, pos, neg)
     return {"blocks": sample_ui_blocks(g, seed_users, seed_items, fanouts), "rows": rows, "items": seed_items}
+
+
+def sampled_id_branch(user_table: torch.Tensor, item_table: torch.Tensor, g, seeds: dict, history: Histories,
+                      n_layers: int):
+    """:func:`sampled_layer_means` on ``seeds`` (:func:`sampled_seeds`), or with ``history`` on, its one-hop form."""
+    if not history.every:
+        return sampled_layer_means(user_table, item_table, seeds["blocks"])
+    tables = history.read(lambda: lightgcn_history(g, user_table, item_table, n_layers))
+    return one_hop_layer_means(user_table, item_table, seeds["blocks"][0], tables, n_layers)
 
 
 def sampled_layer_means(user_table: torch.Tensor, item_table: torch.Tensor, blocks: list):

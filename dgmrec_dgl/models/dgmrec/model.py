@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import DGMRecConfig, layer_fanouts, resolve_execution
+from ...config import DGMRecConfig, drawn_fanouts, resolve_execution
 from ...graphs.blocks import item_user_block, knn_blocks, src_ids
 from ...graphs.hetero import IU, UI, build_heterograph, mean_aggregate, replace_knn_relation
 from ...graphs.knn import KnnGraph, build_knn, normalize_knn
@@ -40,13 +40,15 @@ from ...graphs.refine import refine_knn
 from ...graphs.sampling import sample_one_hop
 from ..base import Batch, Recommender, gather_rows, scalar_parts, sparse_rows
 from ..lightgcn import lightgcn
-from ..lightgcn_rec import sampled_layer_means, sampled_seeds
+from ..history import Histories, with_history
+from ..lightgcn_rec import sampled_id_branch, sampled_seeds
 from .club import CLUBEstimator
 from .encoders import GeneralEncoder, SpecificEncoder, encode
 from .generators import ModalityDecoder, ModalityGenerator, perturb
 from .losses import bpr_loss, emb_loss, info_nce
 from .preference import PreferenceFilter
-from .propagation import propagate_modality, propagate_modality_blocks, user_modality_features
+from .propagation import (propagate_modality, propagate_modality_blocks, propagate_modality_history,
+                          user_modality_features)
 
 #: rows decoded at a time by :meth:`DGMRec.generated_features` (65,536 x 4,096 float32 = 1 GiB)
 DECODE_CHUNK = 65_536
@@ -149,6 +151,9 @@ class DGMRec(Recommender):
         for m, mask in present.items():
             self.register_buffer(f"present_{m}", torch.from_numpy(np.asarray(mask, dtype=bool)))
         self._club_optimizer = torch.optim.Adam(self.club.parameters(), lr=config.club_lr, fused=True)
+        # sampled mode with history_every > 0 (dgmrec_dgl.models.history): the ID branch's and the modalities'
+        self.history = Histories(config.history_every)
+        self.modality_history = Histories(config.history_every)
 
     @classmethod
     def from_dataset(cls, dataset, config: DGMRecConfig, seed: int = 0) -> DGMRec:
@@ -206,6 +211,8 @@ class DGMRec(Recommender):
         """CLUB steps, generation of missing raw rows, and (every ``refresh_every`` epochs) kNN refinement."""
         cfg = self.config
         log: dict = {}
+        self.history.invalidate()
+        self.modality_history.invalidate()
         if cfg.sampler:
             for _ in range(cfg.club_steps):
                 log["club_nll"] = self.club_step(self._club_optimizer, cfg.club_batch, generator)
@@ -240,13 +247,26 @@ class DGMRec(Recommender):
         user_id, item_id = lightgcn(g, self.user_emb, self.item_emb, cfg.n_ui_layers)
         views = {}
         for m in self.modalities:
-            x = self.raw[m]
-            general, specific = encode(self.general, self.specific[m], m, x)
-            pref = self.preference[m](g, self.user_emb)
-            h = propagate_modality(g, m, torch.cat([pref * general, pref * specific], dim=1), cfg.n_mm_layers)
+            general, specific, pref, filtered = self._filtered_features(g, m)
+            h = propagate_modality(g, m, filtered, cfg.n_mm_layers)
             hu = user_modality_features(g, h)
             views[m] = ModalityViews(general, specific, pref, *h.chunk(2, dim=1), *hu.chunk(2, dim=1))
         return Representations(user_id, item_id, views)
+
+    def _filtered_features(self, g, m: str):
+        """Eq. 1–3 on every item: ``(E^g_m, E^s_m, p_m, Ẽ_m = [p ⊙ E^g, p ⊙ E^s])``, ``[n_items, d]`` x 3 and ``[n_items, 2d]``."""
+        general, specific = encode(self.general, self.specific[m], m, self.raw[m])
+        pref = self.preference[m](g, self.user_emb)
+        return general, specific, pref, torch.cat([pref * general, pref * specific], dim=1)
+
+    def _modality_layers(self, g) -> dict[str, list[torch.Tensor]]:
+        """Modality → ``[Ẽ_m, Ē^(1)_m, ..., Ē^(L)_m]`` on the whole graph: the modality branch's histories."""
+        layers = {}
+        for m in self.modalities:
+            layers[m] = [self._filtered_features(g, m)[3]]
+            for _ in range(self.config.n_mm_layers):
+                layers[m].append(propagate_modality(g, m, layers[m][-1], 1))
+        return layers
 
     def execution(self) -> str:
         """``full``, ``blocks`` or ``sampled``: what ``config.execution`` selects for this catalog."""
@@ -267,22 +287,24 @@ class DGMRec(Recommender):
             return Batch(users, pos, neg)
         cfg = self.config
         sampled = mode == "sampled"
+        historical = sampled and cfg.history_every > 0
         batch_users = torch.unique(users)
         to_users = sample_one_hop(g, IU, batch_users, cfg.user_items_sample) if sampled else item_user_block(g, batch_users)
         their_items = src_ids(to_users, "item")
-        items = torch.unique(torch.cat([their_items, pos, neg]))
+        items = torch.unique(torch.cat([pos, neg] if historical else [their_items, pos, neg]))
         drawn = {"users": batch_users, "items": items, "to_users": to_users, "knn": {}, "preference": {},
                  "rows": tuple(torch.searchsorted(seeds, ids.contiguous())
                                for seeds, ids in ((batch_users, users), (items, pos), (items, neg))),
-                 "their_rows": torch.searchsorted(items, their_items)}
+                 "their_items": their_items, "historical": historical}
         for m in self.modalities:
-            blocks = knn_blocks(g, m, items, cfg.n_mm_layers)
+            # with histories: one kNN hop onto T, applied n_mm_layers times (its outside rows from the history)
+            blocks = knn_blocks(g, m, items, min(cfg.n_mm_layers, 1) if historical else cfg.n_mm_layers)
             drawn["knn"][m] = blocks
             if sampled:
-                inputs = src_ids(blocks[0], "item") if blocks else items
+                inputs = src_ids(blocks[0], "item") if blocks and not historical else items
                 drawn["preference"][m] = sample_one_hop(g, UI, inputs, cfg.item_users_sample)
         if sampled:
-            drawn["id"] = sampled_seeds(g, users, pos, neg, layer_fanouts(cfg))
+            drawn["id"] = sampled_seeds(g, users, pos, neg, drawn_fanouts(cfg))
         return Batch(users, pos, neg, drawn)
 
     def batch_forward(self, g, batch: Batch):
@@ -331,16 +353,19 @@ class DGMRec(Recommender):
         drawn = batch.drawn
         batch_users, items = drawn["users"], drawn["items"]
         if "id" in drawn:        # sampled: the ID branch on its blocks, only at U and pos ∪ neg
-            _, _, (user_id, item_seed) = sampled_layer_means(self.user_emb, self.item_emb, drawn["id"]["blocks"])
+            _, _, (user_id, item_seed) = sampled_id_branch(self.user_emb, self.item_emb, g, drawn["id"], self.history,
+                                                           cfg.n_ui_layers)
             item_id = item_seed.new_zeros(len(items), item_seed.shape[1]).index_copy(
                 0, torch.searchsorted(items, drawn["id"]["items"]), item_seed)
         else:
             user_id, item_id = lightgcn(g, self.user_emb, self.item_emb, cfg.n_ui_layers)
             user_id, item_id = torch.index_select(user_id, 0, batch_users), torch.index_select(item_id, 0, items)
+        history = self.modality_history.read(lambda: self._modality_layers(g)) if drawn["historical"] else None
         views, item_raw = {}, {}
         for m in self.modalities:
             blocks = drawn["knn"][m]
-            inputs = src_ids(blocks[0], "item") if blocks else items    # I_m; its first len(T) are T
+            # I_m, whose first len(T) are T; with histories T alone (the other inputs come from the history)
+            inputs = src_ids(blocks[0], "item") if blocks and history is None else items
             if m in drawn["preference"]:                                 # sampled: Eq. 2 on drawn users
                 to_items = drawn["preference"][m]
                 user_rows = sparse_rows(self.user_emb, src_ids(to_items, "user"))
@@ -350,8 +375,14 @@ class DGMRec(Recommender):
             # a sparse gradient of only I_m's rows, not a dense [n_items, d_m] one (dgmrec_dgl.optim)
             x = sparse_rows(self.raw[m], inputs)
             general, specific = encode(self.general, self.specific[m], m, x)
-            h = propagate_modality_blocks(blocks, m, torch.cat([pref * general, pref * specific], dim=1))
-            hu = user_modality_features(drawn["to_users"], torch.index_select(h, 0, drawn["their_rows"]))
+            h = torch.cat([pref * general, pref * specific], dim=1)
+            if history is None:
+                h = propagate_modality_blocks(blocks, m, h)
+                their = torch.index_select(h, 0, torch.searchsorted(items, drawn["their_items"]))
+            else:
+                h = propagate_modality_history(blocks, m, h, history[m])
+                their = with_history(h, items, history[m][-1], drawn["their_items"])
+            hu = user_modality_features(drawn["to_users"], their)
             n = len(items)
             views[m] = ModalityViews(general[:n], specific[:n], pref[:n], *h.chunk(2, dim=1), *hu.chunk(2, dim=1))
             item_raw[m] = x[:n]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..._dgl import dgl
 from ...graphs.hetero import mean_aggregate, propagate
 
 
@@ -34,6 +35,21 @@ def propagate_modality_blocks(blocks: list, modality: str, h: torch.Tensor) -> t
     """
     for block in blocks:
         h = propagate(block, f"knn_{modality}", h)
+    return h
+
+
+def propagate_modality_history(blocks: list, modality: str, h: torch.Tensor, layers: list[torch.Tensor]) -> torch.Tensor:
+    """``len(layers) - 1`` steps of ``h ← S^m h`` at a block's destination items, the other sources from histories.
+
+    ``blocks`` holds one kNN block onto items T (destination items first among its sources; none when there
+    are no layers), ``h`` [len(T), w] is layer 0 at T, and ``layers[l]`` [n_items, w] the history of layer l
+    (:mod:`dgmrec_dgl.models.history`): layer l + 1 at T reads T's own rows from layer l as just computed and
+    every other source from ``layers[l]``. Returns the last layer at T.
+    """
+    for table in layers[:-1]:
+        block = blocks[0]
+        outside = block.srcnodes["item"].data[dgl.NID][len(h):]
+        h = propagate(block, f"knn_{modality}", torch.cat([h, torch.index_select(table, 0, outside)]))
     return h
 
 
