@@ -53,7 +53,8 @@ class Run:
 
     @property
     def metrics(self) -> dict:
-        """``metrics.json``: best epoch and its valid and test metrics (``{}`` before the first validation)."""
+        """``metrics.json``: best epoch, its valid and test metrics and ``finished`` (only that before the first
+        validation; ``{}`` without the file)."""
         path = os.path.join(self.dir, "metrics.json")
         if not os.path.exists(path):
             return {}

@@ -144,6 +144,7 @@ def _cmd_train(args) -> int:
         overrides["train"]["precision"] = args.precision
     config = load_config(args.config, overrides)
     out = args.out or default_run_dir(config)
+    _check_launch(args)                 # before the run folder is touched
     with claimed(config, out, resume=args.resume, overwrite=args.overwrite):   # lock; data_fingerprint.json
         result = _run_train(train, args, config, out)
         if result is None:              # a rank other than 0 under torchrun: rank 0 reports
@@ -158,15 +159,21 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _check_launch(args) -> None:
+    """``--nproc`` only outside torchrun (whose ``--nproc-per-node`` sets the ranks)."""
+    from . import distributed
+
+    if distributed.launched_by_torchrun() and args.nproc != 1:
+        raise DataError("<command line>", "--nproc", "cannot be combined with torchrun",
+                        "drop --nproc and give torchrun --nproc-per-node instead")
+
+
 def _run_train(train, args, config, out):
     """``train`` in this process, in ``--nproc`` spawned ranks, or as one rank of a ``torchrun`` group."""
     from . import distributed
 
     kwargs = {"resume": args.resume, "progress": not args.quiet}
     if distributed.launched_by_torchrun():
-        if args.nproc != 1:
-            raise DataError("<command line>", "--nproc", "cannot be combined with torchrun",
-                            "drop --nproc and give torchrun --nproc-per-node instead")
         result = distributed.run_from_env(train, config, out, **kwargs)
         return result if int(os.environ["RANK"]) == 0 else None
     return distributed.launch(train, args.nproc, config, out, **kwargs)

@@ -123,7 +123,7 @@ def require_checkpoint(out: str) -> None:
 
 
 def check_resumable(config, out: str) -> None:
-    """DataError unless ``out`` holds a checkpoint of a run with ``config`` (but :data:`RESUMABLE_KEYS`) and its data."""
+    """DataError unless ``out`` holds a checkpoint of a run of ``config`` (up to :data:`RESUMABLE_KEYS`) on its data."""
     from .config import load_config
 
     require_checkpoint(out)

@@ -231,6 +231,10 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
           max_epochs: int | None = None) -> dict:
     """Train the configured model; write the run folder; return ``metrics.json``'s content.
 
+    The folder's ownership is the caller's (:func:`dgmrec_dgl.run_folder.claimed`, as the CLI and ``fit``
+    do); without it a fresh start removes the previous run's training files and ``resume`` without a
+    checkpoint starts afresh.
+
     Args:
         config: the resolved configuration.
         out_dir: run folder (config.yaml, log.jsonl, last.pt, best.pt, metrics.json).
@@ -345,22 +349,24 @@ CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "auxiliary", "generator", 
 def _last_checkpoint(s: Session) -> dict | None:
     """``last.pt``, or ``last.prev.pt`` (with a warning) when it does not load; None when neither exists.
 
-    DataError naming the file when neither loads.
+    A checkpoint that does not load is removed once the previous one has (the next epoch would otherwise
+    keep it as the previous checkpoint). DataError naming the file when neither loads.
     """
     paths = [s.path(name) for name in (LAST_CHECKPOINT, PREVIOUS_CHECKPOINT) if os.path.exists(s.path(name))]
     failed: list[tuple[str, str]] = []
     for path in paths:
         try:
             ckpt = _load(path)
-            missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
+            missing = [key for key in CHECKPOINT_KEYS if key not in ckpt] if isinstance(ckpt, dict) else ["a dict"]
             if missing:
                 raise ValueError(f"lacks {', '.join(missing)}")
         except Exception as exc:        # truncated, corrupted, not a checkpoint, or objects beyond tensors
             failed.append((path, _first_line(exc)))
             continue
         if failed:
-            warnings.warn(f"{failed[0][0]}: does not load ({failed[0][1]}); resuming from {path} "
-                          f"(epoch {ckpt['state']['epoch']})")
+            warnings.warn(f"{failed[0][0]}: does not load ({failed[0][1]}); removed it and resuming from "
+                          f"{path} (epoch {ckpt['state']['epoch']})")
+            os.unlink(failed[0][0])
         return ckpt
     if failed:
         raise DataError(failed[0][0], "checkpoint", "does not load (" + "; ".join(

@@ -68,7 +68,7 @@ def train_argv(config: Path, data: Path, run: Path, *extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """``(config, data, run)``: a finished two-epoch LightGCN run on the tiny dataset; copy the run before changing it."""
+    """``(config, data, run)``: a finished two-epoch LightGCN run on the tiny dataset (copy it before changing it)."""
     from dgmrec_dgl.cli import main
 
     root = tmp_path_factory.mktemp("tiny_run")

@@ -204,11 +204,17 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_previous_one(tiny_run, tmp_
     assert run_cli(capsys, train_argv(config, data, straight, "--epochs", 3))[0] == 0
     last = run / "last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])        # a write cut short
-    code, lines = run_cli(capsys, train_argv(config, data, run, "--epochs", 3, "--resume"))
+    code, lines = run_cli(capsys, train_argv(config, data, run, "--epochs", 2, "--resume"))
     assert code == 0, lines
     warnings = [line for line in lines if line.startswith("warning: ")]
     assert len(warnings) == 1 and "last.pt: does not load" in warnings[0] and "last.prev.pt (epoch 1)" in warnings[0]
-    assert log_epochs(run) == [0, 1, 2]          # epoch 1 again from the previous checkpoint, then epoch 2
+    assert log_epochs(run) == [0, 1]             # epoch 1 again, from the previous checkpoint
+    epochs = {name: torch.load(run / name, weights_only=True)["state"]["epoch"]     # the broken one was not
+              for name in ("last.pt", "last.prev.pt")}                             # kept as the previous one
+    assert epochs == {"last.pt": 2, "last.prev.pt": 1}
+    code, lines = run_cli(capsys, train_argv(config, data, run, "--epochs", 3, "--resume"))
+    assert code == 0 and not lines, lines
+    assert log_epochs(run) == [0, 1, 2]
     assert metrics(run) == metrics(straight)     # the uninterrupted run's result
     resumed, uninterrupted = (torch.load(r / "last.pt", weights_only=True)["model"] for r in (run, straight))
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
@@ -250,5 +256,6 @@ def test_checkpoints_hold_only_tensors_and_plain_values(tiny_dir, tmp_path, caps
 def test_the_console_shows_one_line_for_a_used_folder(tiny_run, tmp_path):
     config, data, run = copy_run(tiny_run, tmp_path)
     proc = subprocess.run([sys.executable, "-m", "dgmrec_dgl.cli", *train_argv(config, data, run, "--epochs", 1)],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert_rejected(proc.returncode, proc.stderr.splitlines(), f"{run}: --out: ")
