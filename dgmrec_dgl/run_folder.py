@@ -9,7 +9,8 @@ run writes anything:
 * refuses a folder holding any file a run writes (:data:`RUN_FILES`) unless ``resume`` (continue that run)
   or ``overwrite`` (remove those files first; other files in the folder stay);
 * for ``resume``, requires a checkpoint, the run's config (any key but :data:`RESUMABLE_KEYS`) and its data
-  (``data_fingerprint.json``); otherwise fingerprints the data into the folder.
+  (``data_fingerprint.json``); otherwise fingerprints the data into the folder (and removes that fingerprint
+  again when the run stops before writing anything else, say on bad input).
 
 Every refusal is a :class:`~dgmrec_dgl.errors.DataError` (exit 2 and one line from the CLI).
 """
@@ -72,7 +73,12 @@ def claimed(config, out: str | os.PathLike, *, resume: bool = False, overwrite: 
             else:
                 refuse_used(out)
             write_fingerprint(config, out)
-        yield
+        try:
+            yield
+        except BaseException:
+            if not resume:
+                forget_unstarted(out)
+            raise
 
 
 @contextmanager
@@ -105,6 +111,13 @@ def run_files(out: str) -> list[str]:
 def remove_run_files(out: str) -> None:
     for name in run_files(out):
         os.unlink(os.path.join(out, name))
+
+
+def forget_unstarted(out: str) -> None:
+    """Remove the data fingerprint of a run that stopped before writing anything else (e.g. on bad input), so
+    that the folder is not refused as another run's."""
+    if run_files(out) == [FINGERPRINT_FILE]:
+        os.unlink(os.path.join(out, FINGERPRINT_FILE))
 
 
 def refuse_used(out: str) -> None:

@@ -59,6 +59,16 @@ def test_a_folder_of_other_files_is_trained_into_and_overwrite_keeps_them(tiny_r
     assert (run / "notes.txt").read_text() == "mine"
 
 
+def test_a_run_stopped_by_bad_input_leaves_no_run_files(tiny_run, tmp_path, capsys):
+    config, data, _ = tiny_run
+    run, dgmrec = tmp_path / "run", tmp_path / "dgmrec.yaml"
+    dgmrec.write_text(f"extends: {CONFIGS / 'dgmrec' / 'base.yaml'}\n")       # knn_k 10 > the tiny catalog's 8 items
+    code, lines = run_cli(capsys, train_argv(dgmrec, data, run, "--epochs", 1))
+    assert_rejected(code, lines, "model.knn_k")
+    assert sorted(os.listdir(run)) == ["train.lock"]
+    assert run_cli(capsys, train_argv(config, data, run, "--epochs", 1))[0] == 0    # not another run's folder
+
+
 def test_overwrite_removes_the_old_run_so_evaluate_cannot_report_its_model(tiny_run, tmp_path, capsys):
     config, data, run = copy_run(tiny_run, tmp_path)
     assert (run / "best.pt").exists()
