@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/dgmrec-dgl data mask $(DEMO) --ratio 2/3 --seed 2024
 	$(BIN)/dgmrec-dgl data check $(DEMO) --mask $(DEMO)/missing_items_0.666.npz
 	$(BIN)/dgmrec-dgl train --config configs/dgmrec/demo.yaml --data $(DEMO) \
-		--mask $(DEMO)/missing_items_0.666.npz --out runs/demo
+		--mask $(DEMO)/missing_items_0.666.npz --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

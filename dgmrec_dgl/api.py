@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from .errors import DataError
-from .fingerprint import check_fingerprint, resolve_data_paths, write_fingerprint
+from .fingerprint import check_fingerprint
 
 #: HNSW graph degree and search breadth of ``recommend(approximate=True)`` (see README, "Recommending")
 HNSW_NEIGHBOURS = 32
@@ -53,7 +53,8 @@ class Run:
 
     @property
     def metrics(self) -> dict:
-        """``metrics.json``: best epoch and its valid and test metrics (``{}`` before the first validation)."""
+        """``metrics.json``: best epoch, its valid and test metrics and ``finished`` (only that before the first
+        validation; ``{}`` without the file)."""
         path = os.path.join(self.dir, "metrics.json")
         if not os.path.exists(path):
             return {}
@@ -242,21 +243,9 @@ def default_run_dir(config) -> str:
     return os.path.join("runs", f"{config.model.name}-{data_name}-seed{config.train.seed}")
 
 
-def prepare_run(config, out: str | os.PathLike, resume: bool = False) -> None:
-    """Make the config's data paths absolute and fingerprint the data into ``out`` (before ``train``).
-
-    On ``resume`` an existing fingerprint is checked instead, so a run never continues on other data.
-    """
-    resolve_data_paths(config)
-    if resume and os.path.exists(os.path.join(out, "data_fingerprint.json")):
-        check_fingerprint(out)
-    elif os.environ.get("RANK", "0") == "0":     # under torchrun only rank 0 writes the run folder
-        write_fingerprint(config, out)
-
-
 def fit(config, data: str | os.PathLike | None = None, out: str | os.PathLike | None = None, *,
-        mask: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
-        **overrides) -> Run:
+        mask: str | os.PathLike | None = None, resume: bool = False, overwrite: bool = False,
+        progress: bool = True, **overrides) -> Run:
     """Train a model and return its best checkpoint as a :class:`Run`.
 
     Args:
@@ -264,7 +253,10 @@ def fit(config, data: str | os.PathLike | None = None, out: str | os.PathLike | 
         data: the dataset folder (overrides ``data.dir``).
         out: the run folder (default ``runs/<model>-<data>-seed<seed>``).
         mask: a missing-modality mask file (overrides ``data.mask``).
-        resume: continue the run in ``out`` from its last epoch.
+        resume: continue the run in ``out`` from its last epoch (under the same config but ``train.epochs``
+            and the keys of :data:`~dgmrec_dgl.run_folder.RESUMABLE_KEYS`, on the same data).
+        overwrite: replace the run in ``out``: remove every file it wrote first (without ``resume`` or
+            ``overwrite``, a folder holding a run's files is refused; see :mod:`dgmrec_dgl.run_folder`).
         progress: show the training progress bar.
         **overrides: config sections as dicts, e.g. ``train={"epochs": 3}, model={"knn_k": 5}``.
 
@@ -272,6 +264,7 @@ def fit(config, data: str | os.PathLike | None = None, out: str | os.PathLike | 
     """
     from .config import Config, load_config
     from .plots import write_curves
+    from .run_folder import claimed
     from .train import train
 
     sections = {name: dict(values) if isinstance(values, dict) else values for name, values in overrides.items()}
@@ -287,9 +280,9 @@ def fit(config, data: str | os.PathLike | None = None, out: str | os.PathLike | 
     else:
         config = load_config(config, sections or None)
     out = os.fspath(out) if out is not None else default_run_dir(config)
-    prepare_run(config, out, resume)
-    train(config, out, resume=resume, progress=progress)
-    write_curves(out)
+    with claimed(config, out, resume=resume, overwrite=overwrite):
+        train(config, out, resume=resume, progress=progress)
+        write_curves(out)
     if not os.path.exists(os.path.join(out, "best.pt")):
         raise DataError(out, "train.epochs", f"training ended before the first validation (every "
                         f"{config.train.eval_every} epochs)", "train for at least train.eval_every epochs")

@@ -113,9 +113,10 @@ def _metrics_table(rows: dict[str, dict[str, float]], ks=(10, 20, 50)) -> str:
 
 
 def _cmd_train(args) -> int:
-    from .api import default_run_dir, prepare_run
+    from .api import default_run_dir
     from .config import load_config
     from .plots import write_curves
+    from .run_folder import claimed
     from .train import train
 
     overrides: dict[str, dict] = {"data": {}, "train": {}}
@@ -143,11 +144,12 @@ def _cmd_train(args) -> int:
         overrides["train"]["precision"] = args.precision
     config = load_config(args.config, overrides)
     out = args.out or default_run_dir(config)
-    prepare_run(config, out, resume=args.resume)   # absolute data paths; data_fingerprint.json
-    result = _run_train(train, args, config, out)
-    if result is None:                  # a rank other than 0 under torchrun: rank 0 reports
-        return 0
-    curves = write_curves(out)
+    _check_launch(args)                 # before the run folder is touched
+    with claimed(config, out, resume=args.resume, overwrite=args.overwrite):   # lock; data_fingerprint.json
+        result = _run_train(train, args, config, out)
+        if result is None:              # a rank other than 0 under torchrun: rank 0 reports
+            return 0
+        curves = write_curves(out)
     if "test" not in result:
         print(f"{out}: no validation ran yet (epochs < eval_every?)")
     else:
@@ -157,15 +159,21 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _check_launch(args) -> None:
+    """``--nproc`` only outside torchrun (whose ``--nproc-per-node`` sets the ranks)."""
+    from . import distributed
+
+    if distributed.launched_by_torchrun() and args.nproc != 1:
+        raise DataError("<command line>", "--nproc", "cannot be combined with torchrun",
+                        "drop --nproc and give torchrun --nproc-per-node instead")
+
+
 def _run_train(train, args, config, out):
     """``train`` in this process, in ``--nproc`` spawned ranks, or as one rank of a ``torchrun`` group."""
     from . import distributed
 
     kwargs = {"resume": args.resume, "progress": not args.quiet}
     if distributed.launched_by_torchrun():
-        if args.nproc != 1:
-            raise DataError("<command line>", "--nproc", "cannot be combined with torchrun",
-                            "drop --nproc and give torchrun --nproc-per-node instead")
         result = distributed.run_from_env(train, config, out, **kwargs)
         return result if int(os.environ["RANK"]) == 0 else None
     return distributed.launch(train, args.nproc, config, out, **kwargs)
@@ -382,7 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=arguments.seed, help="training seed")
     tr.add_argument("--epochs", type=arguments.count, help="maximum epochs")
     tr.add_argument("--out", type=arguments.folder, help="run folder (default runs/<model>-<data>-seed<S>)")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    reuse = tr.add_mutually_exclusive_group()
+    reuse.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its last epoch (same config but train.epochs/threads)")
+    reuse.add_argument("--overwrite", action="store_true",
+                       help="replace the run in --out: remove the files it wrote first (else such a folder is refused)")
     tr.add_argument("--nproc", type=arguments.count, default=1,
                     help="data-parallel worker processes on this machine (gloo; see README)")
     tr.add_argument("--quiet", action="store_true",

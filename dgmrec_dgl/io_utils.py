@@ -7,6 +7,10 @@ import os
 import tempfile
 from contextlib import contextmanager
 
+#: how :func:`atomic_path` names its temporary files (``.tmp-XXXXXXXX<suffix>`` beside the target); a write
+#: killed before its rename leaves one behind (:func:`stale_temporaries`)
+TEMP_PREFIX = ".tmp-"
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -20,7 +24,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=folder)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the mode open() would have
     try:
@@ -29,6 +33,13 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Paths of the temporary files that killed atomic writes left in ``folder``."""
+    folder = os.fspath(folder)
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                  if name.startswith(TEMP_PREFIX) and os.path.isfile(os.path.join(folder, name)))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -18,8 +18,12 @@ Per epoch (the reference schedule, DGMRec_SPEC §1 and §4):
 :func:`_checkpoint`.
 
 Each epoch appends one JSON line to ``log.jsonl`` (losses; seconds in training, generation/refinement and
-evaluation). ``last.pt`` is written atomically after every epoch, so ``resume=True`` continues a killed
-run to the same result as an uninterrupted one.
+evaluation). ``last.pt`` is written atomically after every epoch (the one before it kept as ``last.prev.pt``),
+so ``resume=True`` continues a killed run to the same result as an uninterrupted one; a ``last.pt`` that does
+not load falls back to ``last.prev.pt`` with a warning. Checkpoints hold tensors and plain values only and
+load with ``torch.load(weights_only=True)``. ``metrics.json`` says whether the run ``finished`` (all its
+epochs, or early stopping). The run folder's ownership (lock, refusal of another run's files, resuming under
+the same config) is :mod:`dgmrec_dgl.run_folder`'s, around this loop.
 
 Called inside an initialised ``torch.distributed`` group of more than one process, the same loop trains
 data-parallel (:mod:`dgmrec_dgl.distributed`: each rank takes a shard of every batch, gradients are
@@ -36,6 +40,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import numba
@@ -58,6 +63,7 @@ from .graphs.sampling import dgl_threads, seed_sampling
 from .models import build_model
 from .models.base import Batch, Recommender
 from .optim import RowSparseAdam
+from .run_folder import LAST_CHECKPOINT, PREVIOUS_CHECKPOINT, TRAINING_FILES
 
 
 def load_dataset(config: Config, *, prepare_features: bool = True) -> Dataset:
@@ -121,9 +127,17 @@ class Session:
         return os.path.join(self.out_dir, name)
 
 
-def _save(path, **payload):
+def _save(path, *, keep_previous: str | None = None, **payload):
+    """``payload`` (tensors and plain values) to ``path`` atomically; the file it replaces to ``keep_previous``."""
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(payload, tmp)
+        if keep_previous is not None and os.path.exists(path):
+            os.replace(path, keep_previous)
+
+
+def _load(path) -> dict:
+    """A checkpoint written by :func:`_save`; only tensors and plain values are unpickled."""
+    return torch.load(path, weights_only=True)
 
 
 def _lr_factor(config: Config):
@@ -217,6 +231,10 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
           max_epochs: int | None = None) -> dict:
     """Train the configured model; write the run folder; return ``metrics.json``'s content.
 
+    The folder's ownership is the caller's (:func:`dgmrec_dgl.run_folder.claimed`, as the CLI and ``fit``
+    do); without it a fresh start removes the previous run's training files and ``resume`` without a
+    checkpoint starts afresh.
+
     Args:
         config: the resolved configuration.
         out_dir: run folder (config.yaml, log.jsonl, last.pt, best.pt, metrics.json).
@@ -227,6 +245,8 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
     t_start = time.perf_counter()
     s = _setup(config, out_dir)
     _restore(s, resume)
+    if s.main:
+        _write_finished(s, False)
     setup_seconds = time.perf_counter() - t_start
     tcfg = config.train
     run_epochs = 0
@@ -250,12 +270,9 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
                             best=f"{s.state.best_metric:.4f}" if s.state.best_epoch >= 0 else "-")
             _checkpoint(s, record)
     bar.close()
+    result = _write_finished(s, s.state.stopped or s.state.epoch >= tcfg.epochs) if s.main else {}
     if s.world.size > 1:
         torch.distributed.barrier()     # rank 0's files are complete when train() returns on any rank
-    result = {}
-    if s.main and os.path.exists(s.path("metrics.json")):
-        with open(s.path("metrics.json")) as fh:
-            result = json.load(fh)
     result["setup_seconds"] = setup_seconds
     result["epochs_run"] = s.state.epoch
     return result
@@ -295,9 +312,8 @@ def _setup(config: Config, out_dir: str) -> Session:
 
 
 def _restore(s: Session, resume: bool) -> None:
-    """Continue from ``last.pt`` (``resume``), or start the run folder afresh; replicas start identical."""
-    last_path, log_path = s.path("last.pt"), s.path("log.jsonl")
-    ckpt = torch.load(last_path, weights_only=False) if s.main and resume and os.path.exists(last_path) else None
+    """Continue from the last checkpoint (``resume``), or start the run folder afresh; replicas start identical."""
+    ckpt = _last_checkpoint(s) if s.main and resume else None
     if s.world.size > 1:
         # rank 0's checkpoint, or its fresh model and graph, on every rank: the replicas start identical
         ckpt = distributed.broadcast_object(
@@ -317,12 +333,63 @@ def _restore(s: Session, resume: bool) -> None:
         s.state = RunState(**ckpt["state"])
         s.g = s.model.load_graph_state(ckpt["graph_state"], s.g)
         if s.main:
-            _truncate_log(log_path, s.state.epoch)
+            _truncate_log(s.path("log.jsonl"), s.state.epoch)
     elif s.main:
-        save_config(s.config, s.path("config.yaml"))
-        for stale in (log_path, last_path, s.path("metrics.json")):
-            if os.path.exists(stale):
-                os.unlink(stale)
+        for stale in TRAINING_FILES:
+            if os.path.exists(s.path(stale)):
+                os.unlink(s.path(stale))
+    if s.main:
+        save_config(s.config, s.path("config.yaml"))      # a resumed run records its (extended) epochs
+
+
+#: what a ``last.pt`` holds (:func:`_checkpoint`)
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "auxiliary", "generator", "torch_rng", "state", "graph_state")
+
+
+def _last_checkpoint(s: Session) -> dict | None:
+    """``last.pt``, or ``last.prev.pt`` (with a warning) when it does not load; None when neither exists.
+
+    A checkpoint that does not load is removed once the previous one has (the next epoch would otherwise
+    keep it as the previous checkpoint). DataError naming the file when neither loads.
+    """
+    paths = [s.path(name) for name in (LAST_CHECKPOINT, PREVIOUS_CHECKPOINT) if os.path.exists(s.path(name))]
+    failed: list[tuple[str, str]] = []
+    for path in paths:
+        try:
+            ckpt = _load(path)
+            missing = [key for key in CHECKPOINT_KEYS if key not in ckpt] if isinstance(ckpt, dict) else ["a dict"]
+            if missing:
+                raise ValueError(f"lacks {', '.join(missing)}")
+        except Exception as exc:        # truncated, corrupted, not a checkpoint, or objects beyond tensors
+            failed.append((path, _first_line(exc)))
+            continue
+        if failed:
+            warnings.warn(f"{failed[0][0]}: does not load ({failed[0][1]}); removed it and resuming from "
+                          f"{path} (epoch {ckpt['state']['epoch']})")
+            os.unlink(failed[0][0])
+        return ckpt
+    if failed:
+        raise DataError(failed[0][0], "checkpoint", "does not load (" + "; ".join(
+            f"{os.path.basename(p)}: {why}" for p, why in failed) + ")",
+            "start the run afresh with --overwrite (or restore the checkpoint)")
+    return None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def _write_finished(s: Session, finished: bool) -> dict:
+    """Set ``metrics.json``'s ``finished`` (written even before the first validation); returns its content."""
+    path = s.path("metrics.json")
+    metrics = {}
+    if os.path.exists(path):
+        with open(path) as fh:
+            metrics = json.load(fh)
+    metrics["finished"] = finished
+    atomic_write_json(path, metrics)
+    return metrics
 
 
 #: an epoch of at least this many steps gets a progress bar of its own
@@ -377,17 +444,19 @@ def validate_and_keep_best(s: Session, epoch: int, record: dict, *, progress: bo
         _save(s.path("best.pt"), model=model.state_dict(), epoch=epoch, graph_state=model.graph_state())
         atomic_write_json(s.path("metrics.json"),
                           {"best_epoch": epoch, "valid": valid, "test": test, "execution": model.execution(),
-                           "data": {"imputation": s.dataset.imputation, "reduction": s.dataset.reduction}})
+                           "data": {"imputation": s.dataset.imputation, "reduction": s.dataset.reduction},
+                           "finished": False})
     else:
         state.bad_validations += 1
         state.stopped = state.bad_validations >= config.train.patience
 
 
 def _checkpoint(s: Session, record: dict) -> None:
-    """Append the epoch's record to ``log.jsonl`` and write ``last.pt`` (atomically)."""
+    """Append the epoch's record to ``log.jsonl`` and write ``last.pt`` (atomically; the previous one kept)."""
     with open(s.path("log.jsonl"), "a") as fh:
         fh.write(json.dumps(record) + "\n")
-    _save(s.path("last.pt"), model=s.model.state_dict(), optimizer=s.optimizer.state_dict(),
+    _save(s.path(LAST_CHECKPOINT), keep_previous=s.path(PREVIOUS_CHECKPOINT),
+          model=s.model.state_dict(), optimizer=s.optimizer.state_dict(),
           scheduler=s.scheduler.state_dict(),
           auxiliary=s.auxiliary.state_dict() if s.auxiliary is not None else None,
           generator=s.generator.get_state(), torch_rng=torch.get_rng_state(), state=asdict(s.state),
@@ -529,7 +598,11 @@ def load_run(run_dir: str):
                             "pass a run folder written by `dgmrec-dgl train` that reached a validation")
     config = load_config(config_path)
     dataset = load_dataset(config)
-    ckpt = torch.load(best_path, weights_only=False)
+    try:
+        ckpt = _load(best_path)
+    except Exception as exc:            # truncated, corrupted, or objects beyond tensors and plain values
+        raise DataError(best_path, "checkpoint", f"does not load ({_first_line(exc)})",
+                        "train the run again (dgmrec-dgl train --overwrite)") from None
     model = build_model(config, dataset)
     model.load_state_dict(ckpt["model"])
     model.eval()

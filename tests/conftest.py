@@ -35,16 +35,67 @@ def tiny_rows(n_users: int = 6, n_items: int = 8, seed: int = 0):
     return rows
 
 
-@pytest.fixture
-def tiny_dir(tmp_path) -> Path:
+def make_tiny_dir(folder: Path) -> Path:
     """A valid dataset folder: 6 users, 8 items, image (16-d) and text (4-d) features."""
-    folder = tmp_path / "tiny"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     write_inter(folder / "tiny.inter", tiny_rows())
     rng = np.random.default_rng(1)
     np.save(folder / "image_feat.npy", rng.normal(size=(8, 16)).astype(np.float32))
     np.save(folder / "text_feat.npy", rng.normal(size=(8, 4)).astype(np.float32))
     return folder
+
+
+@pytest.fixture
+def tiny_dir(tmp_path) -> Path:
+    """A valid dataset folder: 6 users, 8 items, image (16-d) and text (4-d) features."""
+    return make_tiny_dir(tmp_path / "tiny")
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def tiny_lightgcn_config(folder: Path, eval_every: int = 1) -> Path:
+    """A LightGCN config for the tiny dataset, validating every ``eval_every`` epochs (a second or two an epoch)."""
+    path = folder / "lightgcn.yaml"
+    path.write_text(f"extends: {CONFIGS / 'lightgcn' / 'base.yaml'}\ntrain: {{eval_every: {eval_every}}}\n")
+    return path
+
+
+def train_argv(config: Path, data: Path, run: Path, *extra) -> list[str]:
+    """``dgmrec-dgl train`` arguments: ``config`` on ``data`` into ``run``, quiet, then ``extra``."""
+    return ["train", "--config", str(config), "--data", str(data), "--out", str(run), "--quiet", *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """``(config, data, run)``: a finished two-epoch LightGCN run on the tiny dataset (copy it before changing it)."""
+    from dgmrec_dgl.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    data, config = make_tiny_dir(root / "tiny"), tiny_lightgcn_config(root)
+    assert main(train_argv(config, data, root / "run", "--epochs", 2)) == 0
+    return config, data, root / "run"
+
+
+def run_cli(capsys, argv: list) -> tuple[int, list[str]]:
+    """Exit status and stderr lines of ``dgmrec-dgl argv`` (argparse's exits included)."""
+    from dgmrec_dgl.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err.splitlines()
+
+
+def assert_rejected(code: int, lines: list[str], *culprits: str) -> None:
+    """Exit 2, one stderr line in the project's format, naming every one of ``culprits``, no traceback."""
+    assert code == 2, lines
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert line.startswith("error: ") and "; fix: " in line and "Traceback" not in line, line
+    for culprit in culprits:
+        assert culprit in line, (culprit, line)
 
 
 def shared_split(*parts: str) -> Path:

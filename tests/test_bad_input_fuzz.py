@@ -1,4 +1,4 @@
-"""Fuzz-style bad input: a corpus of bad config values, command-line numbers and files.
+"""Fuzz-style bad input: a corpus of bad config values, command-line numbers, files and run-folder misuse.
 
 Every case must end with exit status 2 and exactly one stderr line, ``error: <file or key>: <field>: <problem>;
 fix: <fix>``, that names the culprit (the key, the flag or the file), and no traceback. Cases run in-process
@@ -8,6 +8,9 @@ the real console command to check what a user sees on stderr.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,29 +19,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from conftest import tiny_rows, write_inter
-from dgmrec_dgl.cli import main
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def run_cli(capsys, argv: list[str]) -> tuple[int, list[str]]:
-    """Exit status and stderr lines of ``dgmrec-dgl argv`` (argparse's exits included)."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err.splitlines()
-
-
-def assert_rejected(code: int, lines: list[str], *culprits: str) -> None:
-    """Exit 2, one stderr line in the project's format, naming every one of ``culprits``, no traceback."""
-    assert code == 2, lines
-    assert len(lines) == 1, lines
-    line = lines[0]
-    assert line.startswith("error: ") and "; fix: " in line and "Traceback" not in line, line
-    for culprit in culprits:
-        assert culprit in line, (culprit, line)
+from conftest import CONFIGS, assert_rejected, run_cli, tiny_rows, train_argv, write_inter
 
 
 # ---------------------------------------------------------------------- config values
@@ -325,6 +306,72 @@ def test_bad_mask_file(name, file, write, field, words, tiny_dir, capsys):
     write(tiny_dir)
     code, lines = run_cli(capsys, ["data", "check", tiny_dir, "--mask", tiny_dir / file])
     assert_rejected(code, lines, f"{file}: {field}: ", words)
+
+
+# ---------------------------------------------------------------------- run folder
+def _hold_lock(run: Path):
+    """Lock the run folder as a trainer would (fcntl.flock on train.lock, holding our PID); returns the open file."""
+    fh = open(run / "train.lock", "a+")
+    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def _remove(*names: str) -> Callable[[Path], None]:
+    def change(run: Path) -> None:
+        for name in names:
+            (run / name).unlink()
+    return change
+
+
+def _corrupt(*names: str) -> Callable[[Path], None]:
+    def change(run: Path) -> None:
+        for name in names:
+            (run / name).write_bytes(b"PK\x03\x04 not a checkpoint")
+    return change
+
+
+#: (name, how to change the finished tiny run first, train arguments, what the error must name); "{run}" is the
+#: run folder, "{pid}" this process
+RUN_FOLDER_CASES = [
+    ("a folder holding a run", None, [], ["{run}: --out: ", "holds the files of another run", "--overwrite"]),
+    ("a folder another trainer holds", _hold_lock, ["--overwrite"], ["train.lock: lock: ", "held by process {pid}"]),
+    ("a locked folder, resumed", _hold_lock, ["--resume"], ["train.lock: lock: ", "held by process {pid}"]),
+    ("--resume without a checkpoint", _remove("last.pt", "last.prev.pt"), ["--resume"],
+     ["{run}: --resume: ", "no checkpoint"]),
+    ("--resume on a folder without files", _remove(*["config.yaml", "data_fingerprint.json", "log.jsonl", "last.pt",
+                                                     "last.prev.pt", "best.pt", "metrics.json", "curves.png"]),
+     ["--resume"], ["{run}: --resume: ", "no checkpoint"]),
+    ("--resume with another seed", None, ["--resume", "--seed", "5"],
+     ["config.yaml: --resume: ", "train.seed 999 -> 5"]),
+    ("--resume with another mask", None, ["--resume", "--missing-ratio", "0.5"],
+     ["config.yaml: --resume: ", "data.missing_ratio None -> 0.5"]),
+    ("--resume with another precision", None, ["--resume", "--precision", "bf16"],
+     ["config.yaml: --resume: ", "train.precision 'fp32' -> 'bf16'"]),
+    ("--resume without the run's config", _remove("config.yaml"), ["--resume"],
+     ["config.yaml: file: ", "does not exist"]),
+    ("--resume when no checkpoint loads", _corrupt("last.pt", "last.prev.pt"), ["--resume"],
+     ["last.pt: checkpoint: ", "does not load", "last.prev.pt"]),
+    ("--resume and --overwrite", None, ["--resume", "--overwrite"], ["--overwrite"]),
+]
+
+
+@pytest.mark.parametrize("name, change, args, culprits", RUN_FOLDER_CASES, ids=[c[0] for c in RUN_FOLDER_CASES])
+def test_run_folder_misuse(name, change, args, culprits, tiny_run, tmp_path, capsys):
+    config, data, finished = tiny_run
+    run = shutil.copytree(finished, tmp_path / "run")
+    held = change(run) if change is not None else None      # _hold_lock's open file: the lock lasts while it is open
+    try:
+        before = {p.name: p.read_bytes() for p in run.iterdir() if p.name != "train.lock"}
+        code, lines = run_cli(capsys, train_argv(config, data, run, "--epochs", 3, *args))
+        assert_rejected(code, lines, *[c.format(run=run, pid=os.getpid()) for c in culprits])
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != "train.lock"} == before  # untouched
+    finally:
+        if held is not None:
+            held.close()
 
 
 # ---------------------------------------------------------------------- what the console shows

@@ -198,7 +198,7 @@ def test_lightgcn_two_processes_from_the_cli_match_one_process(tmp_path, capsys)
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert_metrics_close(two, single, METRIC_ATOL)
     assert_params_close(tmp_path / "two", tmp_path / "one", PARAM_ATOL)
-    cli_extras = {"curves.png", "data_fingerprint.json"}        # written by the command, not by train()
+    cli_extras = {"curves.png", "data_fingerprint.json", "train.lock"}   # written by the command, not by train()
     assert sorted(set(os.listdir(tmp_path / "two")) - cli_extras) == sorted(os.listdir(tmp_path / "one"))
     assert cli_extras <= set(os.listdir(tmp_path / "two"))
 

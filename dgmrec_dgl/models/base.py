@@ -95,6 +95,8 @@ class Recommender(nn.Module):
         return g, {}
 
     def graph_state(self) -> dict:
+        """Graph state the model changes while training, as tensors and plain values (checkpoints hold it and
+        load with ``torch.load(weights_only=True)``)."""
         return {}
 
     def load_graph_state(self, state: dict, g):

@@ -199,11 +199,11 @@ class DGMRec(Recommender):
         return g
 
     def graph_state(self) -> dict:
-        return {m: (k.indptr, k.indices, k.weights) for m, k in self.knn.items()}
+        return {m: tuple(torch.from_numpy(a) for a in (k.indptr, k.indices, k.weights)) for m, k in self.knn.items()}
 
     def load_graph_state(self, state: dict, g):
-        for m, arrays in state.items():
-            self.knn[m] = KnnGraph(*arrays)
+        for m, tensors in state.items():
+            self.knn[m] = KnnGraph(*(t.numpy() for t in tensors))
             g = replace_knn_relation(g, m, self.knn[m])
         return g
 
