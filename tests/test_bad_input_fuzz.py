@@ -71,6 +71,7 @@ CONFIG_CASES = [
     (None, "model", "blocks_min_items", "-1"),
     (None, "model", "fanouts", "[10, 0, 10]"), (None, "model", "fanouts", "[-2, 10, 10]"),
     (None, "model", "user_items_sample", "0"), (None, "model", "item_users_sample", "-5"),
+    (None, "model", "history_every", "-1"), ("lightgcn", "model", "history_every", "2.5"),
     (None, "train", "sample_ahead", "-1"), (None, "eval", "user_sample", "-100"),
     (None, "model", "generate", "1"),
     # LightGCN, MF-BPR
