@@ -1,9 +1,11 @@
 """Quality cost of sampled training: full vs sampled mode, to early stopping, on data where both run.
 
-For every dataset, model (DGMRec, LightGCN) and seed, the same config is trained twice through
+For every dataset, model (DGMRec, LightGCN) and seed, the same config is trained once per mode through
 :func:`dgmrec_dgl.compare.run_one` (so a finished run is reused and a killed one resumes from its
-``last.pt``: a long measurement can be spread over several sessions), once with ``model.execution: full``
-and once with ``sampled``; everything else is the dataset's config (``configs/<model>/<config>.yaml``).
+``last.pt``: a long measurement can be spread over several sessions): ``full`` (``model.execution: full``),
+``sampled`` (``execution: sampled``, every layer sampled) and ``history`` (``sampled`` with
+``history_every: --history-every``, one sampled hop and historical embeddings); everything else is the
+dataset's config (``configs/<model>/<config>.yaml``).
 
 Datasets:
 
@@ -13,8 +15,8 @@ Datasets:
   feature files are not available) and its shipped 0.6 mask restricted to those two modalities.
 
 Writes to ``--out`` (default ``bench/results/sampled_quality``): ``sampled_quality.json`` and ``.csv`` (one
-row per run: test metrics, best epoch, epochs, seconds), ``summary.csv`` (per dataset and model: mean test
-R@20 per mode over the finished seeds and the ratio sampled / full) and ``sampled_quality.png`` (valid R@20
+row per run: test metrics, best epoch, epochs, seconds), ``summary.csv`` (per dataset, model and approximate
+mode: mean test R@20 over the seeds finished in both it and ``full``, and the ratio to ``full``) and ``sampled_quality.png`` (valid R@20
 against cumulative wall-clock seconds, full and sampled, one panel per dataset and model); prints the
 ratios.
 
@@ -41,7 +43,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "sampled_quality"
 SHARED_TIKTOK = Path(__file__).resolve().parents[2] / "shared" / "data" / "dgmrec-splits" / "tiktok"
 DATASETS = ("tiktok", "baby", "demo")
 MODELS = ("dgmrec", "lightgcn")
-MODES = ("full", "sampled")
+MODES = ("full", "sampled", "history")
+#: the model keys of each mode (``history`` adds ``history_every`` from the command line)
+MODE_KEYS = {"full": {"execution": "full"}, "sampled": {"execution": "sampled"}, "history": {"execution": "sampled"}}
 SEEDS = (999, 42, 2023)
 
 
@@ -104,6 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated subset of {','.join(DATASETS)}")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--history-every", type=int, default=500, help="model.history_every of the history mode")
     p.add_argument("--epochs", type=int, default=None, help="cap on epochs (default: the config's, to early stopping)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=Path("runs/sampled_quality_data"), help="where the datasets are made")
@@ -119,18 +125,19 @@ def main(argv=None) -> int:
         folder, mask = prepare(dataset, args.work)
         for model in args.models.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
-                for mode in MODES:
+                for mode in args.modes.split(","):
                     train = {"seed": seed, "threads": args.threads}
                     if args.epochs:
                         train["epochs"] = args.epochs
+                    keys = dict(MODE_KEYS[mode], **({"history_every": args.history_every} if mode == "history" else {}))
                     config = model_config(model, {"data": {"dir": str(folder), "mask": mask}, "train": train,
-                                                  "model": {"execution": mode}}, DEFAULT_CONFIG_DIR,
-                                          dataset_config=dataset)
+                                                  "model": keys}, DEFAULT_CONFIG_DIR, dataset_config=dataset)
                     folder_out = run_dir(args.out, dataset, model, mode, seed)
                     t = time.time()
                     result = run_one(config, folder_out)
                     rows = [r for r in rows if (r["dataset"], r["model"], r["mode"], r["seed"]) != (dataset, model, mode, seed)]
                     rows.append({"dataset": dataset, "model": model, "mode": mode, "seed": seed,
+                                 "history_every": keys.get("history_every", 0),
                                  "best_epoch": result.get("best_epoch"), "epochs": result.get("epochs_run"),
                                  "seconds": result.get("seconds"), "reused": bool(result.get("reused")),
                                  **{f"test_{k}": result.get("test", {}).get(k) for k in ("recall@20", "ndcg@20")}})
@@ -141,18 +148,20 @@ def main(argv=None) -> int:
 
 
 def summary(rows: list[dict]) -> list[dict]:
-    """Per (dataset, model): mean test R@20 of each mode over the seeds finished in both, and the ratio."""
+    """Per (dataset, model, approximate mode): mean test R@20 over the seeds finished in it and in ``full``."""
     out = []
     for dataset, model in dict.fromkeys((r["dataset"], r["model"]) for r in rows):
         by_seed = {}
         for r in rows:
             if r["dataset"] == dataset and r["model"] == model and r["test_recall@20"] is not None:
                 by_seed.setdefault(r["seed"], {})[r["mode"]] = r["test_recall@20"]
-        both = [v for v in by_seed.values() if set(MODES) <= set(v)]
-        if both:
-            full, sampled = (float(np.mean([v[m] for v in both])) for m in MODES)
-            out.append({"dataset": dataset, "model": model, "seeds": len(both), "full_recall@20": full,
-                        "sampled_recall@20": sampled, "ratio": sampled / full if full else float("nan")})
+        for mode in MODES[1:]:
+            both = [v for v in by_seed.values() if {"full", mode} <= set(v)]
+            if both:
+                full, approx = (float(np.mean([v[m] for v in both])) for m in ("full", mode))
+                out.append({"dataset": dataset, "model": model, "mode": mode, "seeds": len(both),
+                            "full_recall@20": full, "recall@20": approx,
+                            "ratio": approx / full if full else float("nan")})
     return out
 
 
@@ -163,14 +172,14 @@ def write(rows: list[dict], out: Path) -> None:
     for name, data in (("sampled_quality.csv", rows), ("summary.csv", table)):
         if data:
             buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=list(data[0]))
+            writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in data for k in row)))
             writer.writeheader()
             writer.writerows(data)
             atomic_write_text(out / name, buf.getvalue())
     plot(rows, out)
     for r in table:
         print(f"  {r['dataset']:<7} {r['model']:<9} {r['seeds']} seed(s): test R@20 full {r['full_recall@20']:.4f}, "
-              f"sampled {r['sampled_recall@20']:.4f}, sampled / full {r['ratio']:.3f}")
+              f"{r['mode']} {r['recall@20']:.4f}, {r['mode']} / full {r['ratio']:.3f}")
 
 
 def plot(rows: list[dict], out: Path) -> None:
@@ -188,8 +197,8 @@ def plot(rows: list[dict], out: Path) -> None:
             points = curve(run_dir(out, dataset, model, r["mode"], r["seed"]))
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, "-o" if r["mode"] == "full" else "--s", markersize=3,
-                        color="C0" if r["mode"] == "full" else "C1", label=f"{r['mode']}, seed {r['seed']}")
+                ax.plot(xs, ys, {"full": "-o", "sampled": "--s", "history": ":^"}[r["mode"]], markersize=3,
+                        color=f"C{MODES.index(r['mode'])}", label=f"{r['mode']}, seed {r['seed']}")
         ax.set_title(f"{dataset}: {model}")
         ax.set_xlabel("wall-clock seconds (training + per-epoch work + validation)")
         ax.set_ylabel("valid Recall@20")

@@ -277,7 +277,8 @@ class DGMRec(Recommender):
 
         Drawn: the batch users ``U = unique(users)``; the ``interacted_by`` block onto U (every train item in
         blocks mode, at most ``user_items_sample`` drawn by DGL's sampler in sampled mode); the item set
-        ``T = unique(pos ∪ neg ∪ the block's items)``; per modality the ``n_mm_layers`` full-neighbour kNN
+        ``T = unique(pos ∪ neg ∪ the block's items)`` (with historical embeddings ``unique(pos ∪ neg)``, and
+        one kNN block and one user–item hop); per modality the ``n_mm_layers`` full-neighbour kNN
         blocks seeded by T (k is small; refinement grows a row to at most a few times k) and, sampled mode
         only, the ``interacts`` block onto their input items with at most ``item_users_sample`` users each
         (Eq. 2); sampled mode also draws the ID branch's L user–item blocks onto U and ``pos ∪ neg``.
@@ -337,6 +338,13 @@ class DGMRec(Recommender):
         tables are read through sparse embeddings (row-sparse gradients for the lazy Adam); only the
         ``pos ∪ neg`` rows of the ID branch are computed (the other rows of T get zeros there, which no
         loss term reads).
+
+        Sampled mode with ``history_every: R`` (historical embeddings, :mod:`dgmrec_dgl.models.history`):
+        T is ``pos ∪ neg`` alone; the ID branch runs one sampled hop with layers 2..L from its history; per
+        modality the encoders and the preference filter run on T only, each kNN layer reads T's rows as just
+        computed and every other neighbour's from the history of the layer below, and a user's features
+        average the drawn train items, T's fresh and the others' from the history of the last layer. The
+        histories are recomputed over the whole graph every R steps and at every epoch start.
 
         Args:
             g: the heterograph.
