@@ -85,7 +85,13 @@ def prepare(name: str, work: Path) -> tuple[Path, str | None]:
     return folder, str(mask)
 
 
+def label(mode: str, history_every: int = 0) -> str:
+    """A mode's name in folders and tables: ``history`` carries its refresh interval (``history500``)."""
+    return f"history{history_every}" if mode == "history" else mode
+
+
 def run_dir(out: Path, dataset: str, model: str, mode: str, seed: int) -> Path:
+    """``mode`` as :func:`label` names it."""
     return out / "runs" / dataset / model / mode / f"seed{seed}"
 
 
@@ -132,10 +138,11 @@ def main(argv=None) -> int:
                     keys = dict(MODE_KEYS[mode], **({"history_every": args.history_every} if mode == "history" else {}))
                     config = model_config(model, {"data": {"dir": str(folder), "mask": mask}, "train": train,
                                                   "model": keys}, DEFAULT_CONFIG_DIR, dataset_config=dataset)
-                    folder_out = run_dir(args.out, dataset, model, mode, seed)
+                    name = label(mode, args.history_every)
+                    folder_out = run_dir(args.out, dataset, model, name, seed)
                     t = time.time()
                     result = run_one(config, folder_out)
-                    rows = [r for r in rows if (r["dataset"], r["model"], r["mode"], r["seed"]) != (dataset, model, mode, seed)]
+                    rows = [r for r in rows if (r["dataset"], r["model"], row_label(r), r["seed"]) != (dataset, model, name, seed)]
                     rows.append({"dataset": dataset, "model": model, "mode": mode, "seed": seed,
                                  "history_every": keys.get("history_every", 0),
                                  "best_epoch": result.get("best_epoch"), "epochs": result.get("epochs_run"),
@@ -147,6 +154,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def row_label(row: dict) -> str:
+    return label(row["mode"], row.get("history_every", 0))
+
+
 def summary(rows: list[dict]) -> list[dict]:
     """Per (dataset, model, approximate mode): mean test R@20 over the seeds finished in it and in ``full``."""
     out = []
@@ -154,8 +165,8 @@ def summary(rows: list[dict]) -> list[dict]:
         by_seed = {}
         for r in rows:
             if r["dataset"] == dataset and r["model"] == model and r["test_recall@20"] is not None:
-                by_seed.setdefault(r["seed"], {})[r["mode"]] = r["test_recall@20"]
-        for mode in MODES[1:]:
+                by_seed.setdefault(r["seed"], {})[row_label(r)] = r["test_recall@20"]
+        for mode in dict.fromkeys(row_label(r) for r in rows if r["mode"] != "full"):
             both = [v for v in by_seed.values() if {"full", mode} <= set(v)]
             if both:
                 full, approx = (float(np.mean([v[m] for v in both])) for m in ("full", mode))
@@ -189,16 +200,17 @@ def plot(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = list(dict.fromkeys((r["dataset"], r["model"]) for r in rows))
+    labels = list(dict.fromkeys(row_label(r) for r in sorted(rows, key=lambda r: MODES.index(r["mode"]))))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (dataset, model) in zip(axes[0], panels):
         for r in rows:
             if (r["dataset"], r["model"]) != (dataset, model):
                 continue
-            points = curve(run_dir(out, dataset, model, r["mode"], r["seed"]))
+            points = curve(run_dir(out, dataset, model, row_label(r), r["seed"]))
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, {"full": "-o", "sampled": "--s", "history": ":^"}[r["mode"]], markersize=3,
-                        color=f"C{MODES.index(r['mode'])}", label=f"{r['mode']}, seed {r['seed']}")
+                        color=f"C{labels.index(row_label(r))}", label=f"{row_label(r)}, seed {r['seed']}")
         ax.set_title(f"{dataset}: {model}")
         ax.set_xlabel("wall-clock seconds (training + per-epoch work + validation)")
         ax.set_ylabel("valid Recall@20")
