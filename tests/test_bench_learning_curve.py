@@ -1,0 +1,40 @@
+"""bench/learning_curve.py on a tiny synthetic catalog: the curve's points, the popularity ranker's line, the files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+_PATH = Path(__file__).resolve().parents[1] / "bench" / "learning_curve.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("bench_learning_curve", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_learning_curve_starts_untrained_and_follows_the_validations(sparse_dir, tmp_path):
+    curve = load()
+    out, run = tmp_path / "out", tmp_path / "run"
+    assert curve.main(["--data", str(sparse_dir), "--epochs", "2", "--user-sample", "60", "--reduce-dims", "16",
+                       "--history-every", "3", "--threads", "1", "--run", str(run), "--out", str(out)]) == 0
+    doc = json.loads((out / "learning_curve.json").read_text())
+    rows = doc["rows"]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert rows[0]["seconds"] == 0 < rows[1]["seconds"] < rows[2]["seconds"]
+    assert len({r["popularity_recall@20"] for r in rows}) == 1
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["valid"]["recall@20"] for r in log] == [r["recall@20"] for r in rows[1:]]
+    assert all(r["valid"]["n_users"] == 60 for r in log)
+    assert [r["execution"] for r in log] == ["sampled", "sampled"]
+    assert rows[0]["recall@20"] != rows[2]["recall@20"]          # training moved the model
+    assert (out / "learning_curve.png").stat().st_size > 0 and (out / "learning_curve.csv").exists()
+
+
+def test_a_folder_without_synthetic_data_is_refused_in_one_line(tmp_path, capsys):
+    assert load().main(["--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "synthetic.json" in err[0]
