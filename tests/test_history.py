@@ -11,7 +11,7 @@ import torch
 from dgmrec_dgl.graphs.blocks import src_ids
 from dgmrec_dgl.models.history import Histories, with_history
 
-from test_sampled import LOSS_PARTS, batch, make, max_degree, step
+from test_sampled import LOSS_PARTS, batch, draw_every_neighbour, make, max_degree, step
 
 
 def nudge(model, *tables):
@@ -53,9 +53,7 @@ def test_lightgcn_one_hop_with_fresh_histories_equals_the_full_step_and_goes_sta
 @pytest.mark.parametrize("n_mm_layers", [1, 2])
 def test_dgmrec_batch_with_fresh_histories_equals_the_full_step(sparse_dir, n_mm_layers):
     ds, model, g = make(sparse_dir, recon=0.0, history_every=2, n_mm_layers=n_mm_layers)
-    deg = max_degree(g)
-    cfg = model.config
-    cfg.fanouts, cfg.user_items_sample, cfg.item_users_sample = (deg,) * cfg.n_ui_layers, deg, deg
+    draw_every_neighbour(model, g)
     users, pos, neg = batch(ds)
     _, full_reps, _, want, _ = step(model, g, "full", users, pos, neg)
     b, reps, (u, i, j), got, grads = step(model, g, "sampled", users, pos, neg)

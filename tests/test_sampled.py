@@ -45,6 +45,13 @@ def max_degree(g) -> int:
     return int(max(g.in_degrees(etype=UI).max(), g.in_degrees(etype=IU).max()))
 
 
+def draw_every_neighbour(model, g) -> None:
+    """DGMRec's fanouts and sample sizes at the largest degree: the samplers then draw every neighbour."""
+    deg = max_degree(g)
+    cfg = model.config
+    cfg.fanouts, cfg.user_items_sample, cfg.item_users_sample = (deg,) * cfg.n_ui_layers, deg, deg
+
+
 def batch(ds, size=32):
     rows = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(1))[:size]
     users, pos = torch.from_numpy(ds.train[rows.numpy(), 0]), torch.from_numpy(ds.train[rows.numpy(), 1])
@@ -111,9 +118,8 @@ def test_a_sampled_layer_is_an_unbiased_estimate_of_the_full_layer(sparse_dir):
 
 def test_dgmrec_sampled_step_equals_the_full_step_for_the_batch(sparse_dir):
     ds, model, g = make(sparse_dir, recon=0.0)
-    deg = max_degree(g)
-    cfg = model.config
-    cfg.fanouts, cfg.user_items_sample, cfg.item_users_sample = (deg,) * cfg.n_ui_layers, deg, deg
+    draw_every_neighbour(model, g)
+    cfg, deg = model.config, max_degree(g)
     users, pos, neg = batch(ds)
     _, full_reps, _, want, full = step(model, g, "full", users, pos, neg)
     b, reps, (u, i, j), got, sampled = step(model, g, "sampled", users, pos, neg)
