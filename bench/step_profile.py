@@ -19,7 +19,9 @@ batch_forward(...))``, ``backward``, ``optimizer.step``. The first ``--warmup`` 
   backward node (``autograd::engine::evaluate_function: ...``) the sequence number of the forward op that
   recorded it, and that op sits inside one term's range. Forward time outside every range is ``other``
   (e.g. ``torch.unique``, the loss sum); backward time in no term's nodes is ``other`` too (gradient
-  accumulation into leaves, the engine itself).
+  accumulation into leaves, the engine itself). The forward ranges are those of full mode (``execution:
+  full``, what both datasets' sizes select); in blocks and sampled mode the representation terms of
+  ``batch_forward`` are not marked and fall into ``other``, the loss terms still are.
 
 Every figure is the median over the timed steps, in seconds (``per_step`` in the JSON keeps each profiled
 step's); shares are of the profiled step's median.
@@ -135,6 +137,11 @@ def attribute(events) -> tuple[dict[str, float], dict[str, float], dict[str, flo
             if "step.forward" in chain:
                 terms = [n[len(PREFIX):] for n in chain if n.startswith(PREFIX)]
                 owner[e.sequence_nr] = terms[0] if terms else "other"
+    if not any(fwd.values()):
+        import dgmrec_dgl
+
+        raise RuntimeError(f"the step ran no dgmrec.<term> profiler range: is {dgmrec_dgl.__file__} a package "
+                           "version without them (dgmrec_dgl.models.dgmrec.model.term)?")
     for e in nodes:
         term = owner.get(e.sequence_nr, "other")
         if term != "other":
