@@ -23,6 +23,7 @@ Where the authors' release and the paper differ, the release is followed as ``DG
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
 from itertools import combinations
@@ -52,6 +53,14 @@ from .propagation import (propagate_modality, propagate_modality_blocks, propaga
 
 #: rows decoded at a time by :meth:`DGMRec.generated_features` (65,536 x 4,096 float32 = 1 GiB)
 DECODE_CHUNK = 65_536
+
+
+def term(name: str):
+    """A ``torch.profiler`` range ``dgmrec.<name>`` around one term of the training step; a no-op context
+    when no profiler runs (one C call). ``bench/step_profile.py`` splits a step's time by these ranges."""
+    if torch.autograd._profiler_enabled():
+        return torch.profiler.record_function(f"dgmrec.{name}")
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -244,20 +253,25 @@ class DGMRec(Recommender):
     def forward(self, g) -> Representations:
         """All representations on graph ``g`` (user–item relations and one ``knn_<m>`` per modality)."""
         cfg = self.config
-        user_id, item_id = lightgcn(g, self.user_emb, self.item_emb, cfg.n_ui_layers)
+        with term("id_propagation"):
+            user_id, item_id = lightgcn(g, self.user_emb, self.item_emb, cfg.n_ui_layers)
         views = {}
         for m in self.modalities:
             general, specific, pref, filtered = self._filtered_features(g, m)
-            h = propagate_modality(g, m, filtered, cfg.n_mm_layers)
-            hu = user_modality_features(g, h)
+            with term("modality_propagation"):
+                h = propagate_modality(g, m, filtered, cfg.n_mm_layers)
+            with term("user_features"):
+                hu = user_modality_features(g, h)
             views[m] = ModalityViews(general, specific, pref, *h.chunk(2, dim=1), *hu.chunk(2, dim=1))
         return Representations(user_id, item_id, views)
 
     def _filtered_features(self, g, m: str):
         """Eq. 1–3 on every item: ``(E^g_m, E^s_m, p_m, Ẽ_m = [p ⊙ E^g, p ⊙ E^s])``, ``[n_items, d]`` x 3 and ``[n_items, 2d]``."""
-        general, specific = encode(self.general, self.specific[m], m, self.raw[m])
-        pref = self.preference[m](g, self.user_emb)
-        return general, specific, pref, torch.cat([pref * general, pref * specific], dim=1)
+        with term("encoders"):
+            general, specific = encode(self.general, self.specific[m], m, self.raw[m])
+        with term("preference"):
+            pref = self.preference[m](g, self.user_emb)
+            return general, specific, pref, torch.cat([pref * general, pref * specific], dim=1)
 
     def _modality_layers(self, g) -> dict[str, list[torch.Tensor]]:
         """Modality → ``[Ẽ_m, Ē^(1)_m, ..., Ē^(L)_m]`` on the whole graph: the modality branch's histories."""
@@ -413,52 +427,62 @@ class DGMRec(Recommender):
         cfg = self.config
         views = reps.modalities
         at_users, at_pos = partial(gather_rows, index=users), partial(gather_rows, index=pos)
-        user_all, item_all = reps.fused()
-        u, i, j = at_users(user_all), at_pos(item_all), gather_rows(item_all, neg)
+        with term("fusion"):
+            user_all, item_all = reps.fused()
         batch = len(users)
-        parts: dict[str, torch.Tensor] = {"bpr": bpr_loss(u, i, j)}
+        with term("bpr"):
+            u, i, j = at_users(user_all), at_pos(item_all), gather_rows(item_all, neg)
+            parts: dict[str, torch.Tensor] = {"bpr": bpr_loss(u, i, j)}
 
-        e_u, e_i, e_j = at_users(reps.user_id), at_pos(reps.item_id), gather_rows(reps.item_id, neg)
-        reg = cfg.reg_id * emb_loss(e_u, e_i, e_j)
-        reg = reg + cfg.reg * sum((at_pos(v.item_general) + at_pos(v.item_specific)).norm()
-                                  for v in views.values()) / batch
-        parts["reg"] = reg
+        with term("reg"):
+            e_u, e_i, e_j = at_users(reps.user_id), at_pos(reps.item_id), gather_rows(reps.item_id, neg)
+            reg = cfg.reg_id * emb_loss(e_u, e_i, e_j)
+            reg = reg + cfg.reg * sum((at_pos(v.item_general) + at_pos(v.item_specific)).norm()
+                                      for v in views.values()) / batch
+            parts["reg"] = reg
 
-        general_u = sum(at_users(v.user_general) for v in views.values())
-        general_i = sum(at_pos(v.item_general) for v in views.values())
-        if cfg.intra_modal:   # UI-align, Eq. 21
-            intra = info_nce(e_u, e_i, cfg.intra_modal_temp) + info_nce(general_u, general_i, cfg.inter_modal_temp)
-            for v in views.values():
-                intra = intra + info_nce(at_users(v.user_specific), at_pos(v.item_specific), cfg.intra_modal_temp)
-            parts["ui_align"] = cfg.intra_modal * intra
+        with term("ui_align"):   # also the general sums bm_align reads
+            general_u = sum(at_users(v.user_general) for v in views.values())
+            general_i = sum(at_pos(v.item_general) for v in views.values())
+            if cfg.intra_modal:   # UI-align, Eq. 21
+                intra = info_nce(e_u, e_i, cfg.intra_modal_temp) + info_nce(general_u, general_i, cfg.inter_modal_temp)
+                for v in views.values():
+                    intra = intra + info_nce(at_users(v.user_specific), at_pos(v.item_specific), cfg.intra_modal_temp)
+                parts["ui_align"] = cfg.intra_modal * intra
         if cfg.align_bm:      # BM-align, Eq. 20
-            parts["bm_align"] = cfg.align_bm * (info_nce(e_i, general_i, cfg.align_bm_temp)
-                                                + info_nce(e_u, general_u, cfg.align_bm_temp))
+            with term("bm_align"):
+                parts["bm_align"] = cfg.align_bm * (info_nce(e_i, general_i, cfg.align_bm_temp)
+                                                    + info_nce(e_u, general_u, cfg.align_bm_temp))
         unique_pos = torch.unique(pos)
         if cfg.inter_modal and len(views) > 1:   # InfoNCE across modalities' general features, Eq. 8
-            inter = 0.0
-            pos_ids = reps.global_items(unique_pos)
-            for a, b in combinations(self.modalities, 2):
-                both = unique_pos[self.present(a)[pos_ids] & self.present(b)[pos_ids]]
-                if len(both) > 1:
-                    inter = inter + info_nce(views[a].general[both], views[b].general[both], cfg.inter_modal_temp)
-                inter = inter + info_nce(at_users(views[a].user_general), at_users(views[b].user_general),
-                                         cfg.inter_modal_temp)
-            parts["inter_modal"] = cfg.inter_modal * inter
+            with term("inter_modal"):
+                inter = 0.0
+                pos_ids = reps.global_items(unique_pos)
+                for a, b in combinations(self.modalities, 2):
+                    both = unique_pos[self.present(a)[pos_ids] & self.present(b)[pos_ids]]
+                    if len(both) > 1:
+                        inter = inter + info_nce(views[a].general[both], views[b].general[both], cfg.inter_modal_temp)
+                    inter = inter + info_nce(at_users(views[a].user_general), at_users(views[b].user_general),
+                                             cfg.inter_modal_temp)
+                parts["inter_modal"] = cfg.inter_modal * inter
         if cfg.sampler:       # CLUB, Eq. 7 (estimator evaluated only)
-            parts["club"] = cfg.sampler * sum(
-                self.club[m](at_pos(v.item_specific), at_pos(v.item_general), generator) for m, v in views.items())
+            with term("club"):
+                parts["club"] = cfg.sampler * sum(
+                    self.club[m](at_pos(v.item_specific), at_pos(v.item_general), generator) for m, v in views.items())
         if cfg.recon:         # Eq. 10–11 over the items reps covers; decoder input detached
-            parts["recon"] = cfg.recon * sum(
-                F.mse_loss(self.decoders[m](perturb(v.item_general.detach(), cfg.perturb_eps, generator),
-                                            perturb(v.item_specific.detach(), cfg.perturb_eps, generator)),
-                           self.raw[m] if reps.item_raw is None else reps.item_raw[m])
-                for m, v in views.items())
+            with term("recon"):
+                parts["recon"] = cfg.recon * sum(
+                    F.mse_loss(self.decoders[m](perturb(v.item_general.detach(), cfg.perturb_eps, generator),
+                                                perturb(v.item_specific.detach(), cfg.perturb_eps, generator)),
+                               self.raw[m] if reps.item_raw is None else reps.item_raw[m])
+                    for m, v in views.items())
         if cfg.additive:      # Eq. 12–14 on in-batch items that have the modality
-            parts["gen"] = cfg.additive * self._generation_loss(views, unique_pos, reps.global_items(unique_pos),
-                                                                generator)
+            with term("gen"):
+                parts["gen"] = cfg.additive * self._generation_loss(views, unique_pos, reps.global_items(unique_pos),
+                                                                    generator)
         total = sum(parts.values())
-        return total, scalar_parts(parts)
+        with term("host_sync"):
+            return total, scalar_parts(parts)
 
     def _generation_loss(self, views, items, item_ids, generator):
         """Eq. 12–14 on the item rows ``items`` [n] (global ids ``item_ids`` [n])."""
