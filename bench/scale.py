@@ -26,8 +26,9 @@ that size. Stages, in the order they execute in the second process:
    training step of every mode); for DGMRec first ``before_epoch`` of epoch 0 (CLUB steps and the
    generation of missing rows, no refinement), timed apart. ``--execution`` (default ``sampled``; ``full``,
    ``blocks``, ``auto``) is both models' ``model.execution``, and ``--fanouts``, ``--user-items-sample``,
-   ``--item-users-sample`` their sampled-mode sizes (default: the config's); the mode a model resolved to
-   is the row's ``mode``.
+   ``--item-users-sample`` their sampled-mode sizes (default: the config's) and ``--history-every`` their
+   historical embeddings (default 500; 0: every layer sampled); the mode a model resolved to is the row's
+   ``mode``, the refreshes' count and seconds are in its details.
    **Sampled mode: every epoch row is a whole epoch, measured** (``kind = measured``, whatever the budget):
    wall and CPU seconds, steps per second, the median and 90th-percentile step, and where the time went:
    ``sampler_busy_s`` (the sampler thread drawing blocks, overlapped with the steps), ``step_wait_s`` (steps
@@ -101,7 +102,7 @@ extrapolated) into ``--out`` (``bench/results``) atomically after every size, an
 growth exponents ``b`` (time ~ n^b) between sizes trained at the same widths. Data go to ``--work``
 (default: a temporary folder, deleted at the end).
 
-    python bench/scale.py --quick                   # 50K only, sampled mode, image PCA-256 (as the 1M preset)
+    python bench/scale.py --quick                   # 50K only, sampled mode with histories, image PCA-256 (as at 1M)
     python bench/scale.py --sizes 200000            # one more size, added to the results
     python bench/scale.py --sizes 50000 --reduce always   # 50K with the image at 256 dims
     python bench/scale.py --sizes 1000000 --work /data/scale --stages generate --keep-data   # data only
@@ -997,8 +998,9 @@ def main(argv=None) -> int:
                    help="sampled mode: model.fanouts of both models, input layer first (default: the config's)")
     p.add_argument("--user-items-sample", type=int, default=None, help="sampled mode: DGMRec's model.user_items_sample")
     p.add_argument("--item-users-sample", type=int, default=None, help="sampled mode: DGMRec's model.item_users_sample")
-    p.add_argument("--history-every", type=int, default=None,
-                   help="sampled mode: model.history_every of both models (steps between history refreshes; 0: off)")
+    p.add_argument("--history-every", type=int, default=500,
+                   help="sampled mode: model.history_every of both models (steps between refreshes of the historical "
+                        "embeddings; 0: every layer sampled, no histories)")
     p.add_argument("--sample-ahead", type=int, default=2,
                    help="sampled mode: batches drawn ahead of the step by the sampler thread (0: no overlap)")
     p.add_argument("--out", type=Path, default=RESULTS)

@@ -197,3 +197,6 @@ def test_a_sampled_run_measures_whole_epochs_whatever_the_budget(scale, tiny_dat
         assert details["steps"] == details["steps_per_epoch"] >= 1            # every step of the epoch ran
         assert details["steps_per_s"] > 0 and 0 < details["compute_share"] <= 1
         assert details["sampler_busy_s"] > 0
+        # historical embeddings by default: refreshed once at the epoch start (fewer steps than 500)
+        assert details["history_every"] == 500 and details["history_refreshes"] == 1
+        assert details["history_refresh_s"] > 0
