@@ -53,7 +53,11 @@ def untrained_and_popularity(config) -> tuple[dict, dict, dict]:
     from dgmrec_dgl.models import build_model
     from dgmrec_dgl.train import evaluate_model, load_dataset
 
-    torch.manual_seed(config.train.seed)                       # the trainer's order: seed, data, model
+    import numba
+
+    torch.set_num_threads(config.train.threads)                # the trainer's order: threads, seed, data, model
+    numba.set_num_threads(min(config.train.threads, numba.config.NUMBA_NUM_THREADS))
+    torch.manual_seed(config.train.seed)
     dataset = load_dataset(config)
     model = build_model(config, dataset)
     g = model.make_graph(dataset)
