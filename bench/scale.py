@@ -545,7 +545,7 @@ def _train_epoch(model, dataset, config, spec: dict, rec: dict, before_epoch: bo
         step_s = r.pop("step_s")
         r.pop("step_cpu_s")
         compute = sum(step_s)
-        histories = [h for h in (getattr(model, "history", None), getattr(model, "modality_history", None)) if h]
+        histories = [h for h in (getattr(model, "history", None), getattr(model, "modality_history", None)) if h is not None]
         rec.update(history_every=histories[0].every if histories else 0,
                    history_refreshes=max((h.refreshes for h in histories), default=0),
                    history_refresh_s=sum(h.seconds for h in histories))

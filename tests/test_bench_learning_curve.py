@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
-_PATH = Path(__file__).resolve().parents[1] / "bench" / "learning_curve.py"
+from conftest import bench_script
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("bench_learning_curve", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("learning_curve")
 
 
 def test_learning_curve_starts_untrained_and_follows_the_validations(sparse_dir, tmp_path):

@@ -3,21 +3,16 @@ one tiny run of the script (300 items, a few training steps; no timing is checke
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "bench" / "scale.py"
+from conftest import bench_script
 
 
 @pytest.fixture(scope="module")
 def scale():
-    spec = importlib.util.spec_from_file_location("bench_scale", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("scale")
 
 
 def test_estimates_grow_with_size_and_width(scale):

@@ -5,22 +5,17 @@ every term, times are non-negative and the terms fit inside the measured phases,
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-_PATH = Path(__file__).resolve().parents[1] / "bench" / "step_profile.py"
+from conftest import bench_script
 
 
 @pytest.fixture(scope="module")
 def sp():
-    spec = importlib.util.spec_from_file_location("bench_step_profile", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("step_profile")
 
 
 @pytest.fixture(scope="module")
