@@ -36,7 +36,7 @@ from torch import nn
 from ...config import DGMRecConfig, drawn_fanouts, resolve_execution
 from ...graphs.blocks import item_user_block, knn_blocks, src_ids
 from ...graphs.hetero import IU, UI, build_heterograph, mean_aggregate, replace_knn_relation
-from ...graphs.knn import KnnGraph, build_knn, normalize_knn
+from ...graphs.knn import KnnGraph, modality_knn_graphs
 from ...graphs.refine import refine_knn
 from ...graphs.sampling import sample_one_hop
 from ..base import Batch, Recommender, gather_rows, scalar_parts, sparse_rows
@@ -171,9 +171,8 @@ class DGMRec(Recommender):
         Generation targets are the items missing exactly one modality (release behaviour) or, with
         ``generate_multi_missing``, every item missing it; new items are left out in the new-items setting.
         """
-        knn = {m: normalize_knn(build_knn(dataset.features[m], config.knn_k, dataset.present[m],
-                                          index=config.knn_index, seed=seed, progress=False))
-               for m in dataset.modalities}
+        knn = modality_knn_graphs({m: dataset.features[m] for m in dataset.modalities}, dataset.present,
+                                  config.knn_k, index=config.knn_index, seed=seed)
         targets = {}
         for m in dataset.modalities:
             if dataset.mask is None:
