@@ -171,7 +171,8 @@ def test_cli_prints_the_table_and_writes(sparse_dir, tmp_path, capsys):
     assert out[0].split()[:3] == ["part", "users", "items"] and len(out) == 5
     summary = json.loads((tmp_path / "p" / SUMMARY).read_text())
     assert summary["graph_name"] == "g1" and summary["knn_k"] == 3 and (tmp_path / "p" / "g1.json").exists()
-    assert [int(line.split()[1].replace(",", "")) for line in out[1:3]] == [r["nodes"]["user"] for r in summary["parts"]]
+    users = [int(line.split()[1].replace(",", "")) for line in out[1:3]]
+    assert users == [r["nodes"]["user"] for r in summary["parts"]]
 
 
 @pytest.mark.parametrize("argv, culprits", [
