@@ -44,7 +44,17 @@ class _Stop(Exception):
 
 
 def listening(host: str, port: int) -> bool:
-    """True when something listens on ``host:port`` (a bind there fails: nothing connects to the server)."""
+    """True when a socket listens on ``host:port`` (IPv4).
+
+    Linux: the LISTEN entries of ``/proc/net/tcp`` (a closed server's port may still be in TIME_WAIT, so a
+    bind there would fail without anything listening). Elsewhere: whether a bind there fails. Nothing
+    connects to the port (a DGL server would take a connection for a client's).
+    """
+    if os.path.exists("/proc/net/tcp"):
+        wanted = {f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}", f"00000000:{port:04X}"}
+        with open("/proc/net/tcp") as fh:
+            next(fh)
+            return any(f[3] == "0A" and f[1] in wanted for f in (line.split() for line in fh))
     with socket.socket() as probe:
         try:
             probe.bind((host, port))
@@ -83,7 +93,8 @@ def launch(part_config: str, parts: int, train_argv: list[str], *, threads: int 
                         "run at most 254 partitions on one machine")
     part_config = os.path.abspath(part_config)
     box = tempfile.mkdtemp(prefix="dgmrec-dist-")
-    tag = f"dgmrec{os.getpid()}x{int(time.time())}-"
+    # the shared-memory tag of this launch (a prefix may come from the environment, e.g. a test's own)
+    tag = f"{os.environ.get(SHM_TAG_ENV, 'dgmrec')}{os.getpid()}x{int(time.time())}-"
     hosts = [f"127.0.0.{i + 1}" for i in range(parts)]
     ports = [free_port(host) for host in hosts]
     ip_config = os.path.join(box, "ip_config.txt")
@@ -94,6 +105,9 @@ def launch(part_config: str, parts: int, train_argv: list[str], *, threads: int 
     common = {SHM_TAG_ENV: tag, "DGL_DIST_MODE": "distributed", "DGL_NUM_SERVER": "1",
               "DGL_IP_CONFIG": ip_config, "DGL_CONF_PATH": part_config, "PYTHONUNBUFFERED": "1"}
     trainer_threads = rank_threads(threads or os.cpu_count() or 1, parts)
+    master = free_port("127.0.0.1")
+    print(f"dist-launch: graph servers at {', '.join(f'{h}:{p}' for h, p in zip(hosts, ports))}, trainers' "
+          f"torch.distributed group at 127.0.0.1:{master}; logs in {box}", flush=True)
     procs: list[tuple[str, subprocess.Popen, str]] = []
     previous = signal.signal(signal.SIGTERM, _interrupt) if _main_thread() else None
     deadline = time.monotonic() + timeout if timeout else None
@@ -104,7 +118,6 @@ def launch(part_config: str, parts: int, train_argv: list[str], *, threads: int 
                     **common, HOST_PART_ENV: str(i), "DGL_ROLE": "server", "DGL_SERVER_ID": str(i),
                     "DGL_NUM_CLIENT": str(parts), "DGL_GRAPH_FORMAT": "csc", "OMP_NUM_THREADS": "1"}))
             _wait_for_servers(procs, hosts, ports, time.monotonic() + server_timeout, deadline, server_timeout)
-            master = free_port("127.0.0.1")
             for i in range(parts):
                 procs.append(_start(f"trainer {i}", command, box, {
                     **common, HOST_PART_ENV: str(i), "DGL_ROLE": "client", "DGL_NUM_SAMPLER": "0",

@@ -270,9 +270,8 @@ def _train(config: Config, part_config: str, g, dataset, out_dir: str, *, resume
     users, items = own_train_edges(g)
     seen_users, user_rows = torch.unique(users, return_inverse=True)
     indptr, history = user_histories(g, seen_users)
-    counts = torch.tensor([len(users)])
-    tdist.all_reduce(counts)
-    steps = max(1, math.ceil(int(counts) / tcfg.batch_size))
+    shares = distributed.gather_objects(len(users))          # every trainer's interactions
+    steps = max(1, math.ceil(sum(shares) / tcfg.batch_size))
     batch_size = max(1, math.ceil(len(users) / steps))
     lr_factor = _lr_factor(config)
     infer = _Inference(g, model, tables)
@@ -282,7 +281,7 @@ def _train(config: Config, part_config: str, g, dataset, out_dir: str, *, resume
         if s.state.stopped:
             break
         record: dict = {"epoch": epoch, "execution": model.execution(),
-                        "distributed": {"parts": world, "steps": steps}}
+                        "distributed": {"parts": world, "steps": steps, "interactions": shares}}
         optimizer.set_lr(tcfg.lr * lr_factor(epoch))
         t0 = time.perf_counter()
         s.g, record["before_epoch"] = model.before_epoch(epoch, s.g, s.generator)
