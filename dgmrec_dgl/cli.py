@@ -226,8 +226,9 @@ def _train_on_partitions(args, config, out: str) -> int:
             raise
         # Connected to the servers: DGL's exit hook would wait for every other trainer, which wait for this
         # one in a collective. Leave at once; the launcher ends the others.
-        print(f"error: {exc}" if isinstance(exc, DataError) else "", file=sys.stderr)
-        if not isinstance(exc, DataError):
+        if isinstance(exc, DataError):
+            print(f"error: {exc}", file=sys.stderr)
+        else:
             import traceback
 
             traceback.print_exc()

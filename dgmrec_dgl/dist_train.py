@@ -290,6 +290,7 @@ def _train(config: Config, part_config: str, g, dataset, out_dir: str, *, resume
         generator = distributed.rank_generator(tcfg.seed, epoch, rank)
         batches = epoch_batches(model, s.g, triples, batch_size, batch_seed(tcfg.seed, rank, 0), epoch, inline=True)
         sums: dict[str, float] = {}
+        taken = 0
         for _ in range(steps):
             batch = next(batches, None)
             if batch is None:                # this partition ran out of interactions: the collective step only
@@ -298,19 +299,20 @@ def _train(config: Config, part_config: str, g, dataset, out_dir: str, *, resume
                 continue
             for k, v in training_step(model, s.g, batch, optimizer, generator).items():
                 sums[k] = sums.get(k, 0.0) + v
+            taken += 1
         t2 = time.perf_counter()
-        record["loss"] = _mean_over_trainers(sums, steps)
+        record["loss"] = _mean_over_trainers(sums, taken)
         record["lr"] = optimizer.lr
+        state = _tables_state(tables, g, orig) if rank == 0 else None     # the tables whole, read once
         if (epoch + 1) % tcfg.eval_every == 0:
             embeddings = infer.embeddings(orig, rank)          # every trainer computes, rank 0 receives
             if rank == 0:
-                validate_and_keep_best(s, epoch, record, progress=progress, embeddings=embeddings,
-                                       model_state=_tables_state(tables, g, orig))
+                validate_and_keep_best(s, epoch, record, progress=progress, embeddings=embeddings, model_state=state)
         t3 = time.perf_counter()
         record["seconds"] = {"train": t2 - t1, "before_epoch": t1 - t0, "eval": t3 - t2}
         s.state = RunState(**distributed.broadcast_object(asdict(s.state)))   # rank 0 decides early stopping
         s.state.epoch = epoch + 1
-        _checkpoint(s, record, tables, orig)
+        _checkpoint(s, record, state)
     result = _write_finished(s, s.state.stopped or s.state.epoch >= tcfg.epochs) if rank == 0 else {}
     tdist.barrier()
     result["epochs_run"] = s.state.epoch
@@ -328,11 +330,12 @@ def _triples(users, items, user_rows, indptr, history, n_items: int, seed: int, 
     return users[order], items[order], torch.from_numpy(np.asarray(neg, dtype=np.int64))
 
 
-def _mean_over_trainers(sums: dict[str, float], steps: int) -> dict[str, float]:
-    """The loss parts, mean over steps and trainers (a trainer without a batch in a step counts as none)."""
-    parts = [p for p in distributed.gather_objects(sums) if p]
-    keys = sorted({k for p in parts for k in p})
-    return {k: sum(p.get(k, 0.0) for p in parts) / (steps * max(len(parts), 1)) for k in keys}
+def _mean_over_trainers(sums: dict[str, float], taken: int) -> dict[str, float]:
+    """The loss parts, mean over every trainer's batches (``sums`` over this trainer's ``taken`` batches)."""
+    gathered = distributed.gather_objects((sums, taken))
+    batches = max(sum(n for _, n in gathered), 1)
+    keys = sorted({k for part, _ in gathered for k in part})
+    return {k: sum(part.get(k, 0.0) for part, _ in gathered) / batches for k in keys}
 
 
 def _tables_state(tables: dict, g, orig: dict) -> dict:
@@ -344,14 +347,15 @@ def _tables_state(tables: dict, g, orig: dict) -> dict:
     return state
 
 
-def _checkpoint(s: Session, record: dict, tables: dict, orig: dict) -> None:
-    """``log.jsonl`` and ``last.pt`` on rank 0: the tables whole, every trainer's share of DGL's optimiser state."""
+def _checkpoint(s: Session, record: dict, tables_state: dict | None) -> None:
+    """``log.jsonl`` and ``last.pt`` on rank 0: the tables whole (``tables_state``, rank 0's), every trainer's
+    share of DGL's optimiser state."""
     shares = distributed.gather_objects(s.optimizer.sparse.local_state_dict())
     if s.main:
         with open(s.path("log.jsonl"), "a") as fh:
             fh.write(json.dumps(record) + "\n")
         _save(s.path(LAST_CHECKPOINT), keep_previous=s.path(PREVIOUS_CHECKPOINT),
-              model=_tables_state(tables, s.g, orig), optimizer={"dgl_sparse": shares}, scheduler=None,
+              model=tables_state, optimizer={"dgl_sparse": shares}, scheduler=None,
               auxiliary=None, generator=s.generator.get_state(), torch_rng=torch.get_rng_state(),
               state=asdict(s.state), graph_state={}, distributed=_layout(s.g))
     tdist.barrier()
@@ -430,11 +434,11 @@ class _Inference:
                     seeds = {nt: own[nt][c * INFER_CHUNK:(c + 1) * INFER_CHUNK] for nt in own}
                     block = sample_ui_blocks(g, seeds["user"], seeds["item"], [-1])[0]
                     h = {nt: current[nt][src_ids(block, nt)] for nt in own}
-                    new = {"user": propagate(block, IU, h["item"]), "item": propagate(block, UI, h["user"])}
-                    for nt in own:
-                        rows = slice(c * INFER_CHUNK, c * INFER_CHUNK + len(seeds[nt]))
-                        out[nt][seeds[nt]] = new[nt][:len(seeds[nt])]
-                        total[nt][rows] += new[nt][:len(seeds[nt])]
+                    for nt, relation, source in (("user", IU, "item"), ("item", UI, "user")):
+                        if len(seeds[nt]):       # (a block has no relation into a type without seeds)
+                            new = propagate(block, relation, h[source])
+                            out[nt][seeds[nt]] = new
+                            total[nt][c * INFER_CHUNK:c * INFER_CHUNK + len(seeds[nt])] += new
                 g.barrier()
                 current = out
             final = self.buffers[2]
