@@ -31,7 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -86,7 +86,8 @@ def tagged_processes(tag: str) -> list[int]:
 
 def launch(argv: list, tag: str, log: Path) -> tuple[int, str, str]:
     """``dgmrec-dgl dist-launch argv`` in a subprocess with a deadline: (status, stdout, stderr)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), SHM_TAG_ENV: tag, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), SHM_TAG_ENV: tag, "OMP_NUM_THREADS": "1",
+           "TMPDIR": str(log.parent)}                  # where the launch keeps its logs (kept on failure)
     with open(log, "w") as err, open(log.with_suffix(".out"), "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "dgmrec_dgl.cli", "dist-launch", *map(str, argv)], env=env,
                                 stdout=out, stderr=err, start_new_session=True)
@@ -189,6 +190,7 @@ def test_a_server_that_does_not_come_up_in_time_ends_the_launch(parts, tmp_path,
     root, part_config, config, _ = parts
     tag = f"dgmrecslow{os.getpid()}-"
     monkeypatch.setenv(SHM_TAG_ENV, tag)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))     # the launch's logs, kept on failure
     code = main([str(a) for a in ["dist-launch", "--parts", 2, "--part-config", part_config, "--server-timeout",
                                   0.05, "--config", config, "--out", tmp_path / "r"]])
     out, err = capsys.readouterr()
