@@ -105,3 +105,56 @@ def graphbolt_available() -> bool:
 
 dgl = import_dgl()
 fn = dgl.function
+
+
+# ---------------------------------------------------------------------- DistDGL: several parts on one host
+#: the environment variables that make a process one "machine" of a DistDGL cluster on one host
+#: (``dgmrec-dgl dist-launch`` sets them on every graph server and trainer it starts; see :func:`play_machine`)
+HOST_PART_ENV, SHM_TAG_ENV = "DGMREC_DGL_HOST_PART", "DGMREC_DGL_SHM_TAG"
+
+
+def play_machine(part: int, shm_tag: str) -> None:
+    """Make this process the machine of partition ``part`` when several parts share one host.
+
+    DistDGL (``dgl.distributed``, 2.1) assumes one partition per machine and ties two things to that:
+
+    * a trainer finds its machine id by matching the ip_config lines against the host's interface addresses
+      (``rpc_client.get_local_machine_id``); on one host every trainer matches the first line and takes
+      itself for machine 0, so all of them read part 0's data as local and create new tensors
+      (``DistTensor``, ``DistEmbedding``, the sparse optimisers' states) on part 0's server only;
+    * a graph server shares its partition's data with the trainers of its machine through ``/dev/shm``,
+      under names that follow the tensor (``node~item~feat_image-kvdata-``), not the part, so two servers
+      on one host write the same shared memory.
+
+    This function replaces exactly two module attributes of DGL, in this process only: the machine-id
+    lookup returns ``part``, and the key-value store's shared-memory names (``kvstore.empty_shared_mem``,
+    which the servers use to create and the trainers to map a part's tensors) get the prefix
+    ``shm_tag`` + ``p<part>-``. The graph structure is not shared at all in this mode: the servers run
+    with ``disable_shared_mem=True`` and the trainers reach their own part's graph over loopback RPC, as
+    DistDGL's trainers not co-located with a server do. ``tests/test_dist_train.py`` fails if DGL's code
+    around these two attributes changes. On a cluster (one part per machine) nothing is replaced.
+    """
+    from dgl.distributed import kvstore, rpc_client
+
+    if getattr(kvstore.empty_shared_mem, "_dgmrec_part", None) is not None:
+        if kvstore.empty_shared_mem._dgmrec_part != (part, shm_tag):
+            raise RuntimeError("this process already plays another machine")
+        return
+    create = kvstore.empty_shared_mem
+    prefix = f"{shm_tag}p{int(part)}-"
+
+    def tagged_shared_mem(name, is_create, shape, dtype="float32"):
+        return create(prefix + name, is_create, shape, dtype)
+
+    def machine_of_this_process(server_namebook):
+        return int(part)
+
+    tagged_shared_mem._dgmrec_part = (part, shm_tag)
+    kvstore.empty_shared_mem = tagged_shared_mem
+    rpc_client.get_local_machine_id = machine_of_this_process
+
+
+def played_machine() -> tuple[int, str] | None:
+    """``(part, shm tag)`` from the environment when this process plays one machine of a one-host cluster."""
+    part = os.environ.get(HOST_PART_ENV)
+    return None if part is None else (int(part), os.environ.get(SHM_TAG_ENV, "dgmrec-"))

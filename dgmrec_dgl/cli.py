@@ -27,6 +27,16 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0; fix: give e.g. 60")
+    return value
+
+
 def _ratios(text: str) -> list[float]:
     return [_ratio(part) for part in text.split(",") if part.strip()]
 
@@ -125,12 +135,9 @@ def _metrics_table(rows: dict[str, dict[str, float]], ks=(10, 20, 50)) -> str:
     return "\n".join(lines)
 
 
-def _cmd_train(args) -> int:
-    from .api import default_run_dir
+def _train_config(args):
+    """The config of ``train``'s arguments: the YAML file with the command line's overrides."""
     from .config import load_config
-    from .plots import write_curves
-    from .run_folder import claimed
-    from .train import train
 
     overrides: dict[str, dict] = {"data": {}, "train": {}}
     if args.data:
@@ -155,20 +162,103 @@ def _cmd_train(args) -> int:
         overrides["train"]["threads"] = args.threads
     if args.precision is not None:
         overrides["train"]["precision"] = args.precision
-    config = load_config(args.config, overrides)
+    return load_config(args.config, overrides)
+
+
+def _cmd_train(args) -> int:
+    from .api import default_run_dir
+    from .plots import write_curves
+    from .run_folder import claimed
+    from .train import train
+
+    config = _train_config(args)
     out = args.out or default_run_dir(config)
+    if args.dist_config or args.ip_config:
+        return _train_on_partitions(args, config, out)
     _check_launch(args)                 # before the run folder is touched
     with claimed(config, out, resume=args.resume, overwrite=args.overwrite):   # lock; data_fingerprint.json
         result = _run_train(train, args, config, out)
         if result is None:              # a rank other than 0 under torchrun: rank 0 reports
             return 0
         curves = write_curves(out)
+    _report(out, result, config, curves)
+    return 0
+
+
+def _report(out: str, result: dict, config, curves: str) -> None:
     if "test" not in result:
         print(f"{out}: no validation ran yet (epochs < eval_every?)")
     else:
         print(f"run folder: {out}   best epoch: {result['best_epoch']}")
         print(_metrics_table({"valid": result["valid"], "test": result["test"]}, tuple(config.eval.ks)))
     print(f"curves: {curves}")
+
+
+def _train_on_partitions(args, config, out: str) -> int:
+    """``train --dist-config P --ip-config F``: a graph server (``DGL_ROLE=server``) or one trainer."""
+    from . import dist_train
+    from ._dgl import dgl
+    from .plots import write_curves
+    from .run_folder import claimed, writes_run_folder
+
+    for flag, value in (("--dist-config", args.dist_config), ("--ip-config", args.ip_config)):
+        if not value:
+            raise DataError("<command line>", flag, "is required with --dist-config / --ip-config",
+                            "give both the partition config <name>.json and the graph servers' ip_config")
+    if args.nproc != 1:
+        raise DataError("<command line>", "--nproc", "cannot be combined with --dist-config",
+                        "one trainer per partition: start them with dgmrec-dgl dist-launch (or DGL's launcher)")
+    kwargs = {"resume": args.resume, "progress": not args.quiet}
+    if dist_train.serving():
+        with contextlib.redirect_stdout(sys.stderr):
+            dist_train.run(config, args.dist_config, args.ip_config, out, **kwargs)
+        return 0
+    dist_train.check_request(config, args.dist_config, args.ip_config)
+    try:
+        with claimed(config, out, resume=args.resume, overwrite=args.overwrite):
+            with contextlib.redirect_stdout(sys.stderr):      # DGL's progress lines
+                result = dist_train.run(config, args.dist_config, args.ip_config, out, **kwargs)
+            if not writes_run_folder():
+                return 0
+            curves = write_curves(out)
+    except BaseException as exc:
+        if not dgl.distributed.dist_context.is_initialized():
+            raise
+        # Connected to the servers: DGL's exit hook would wait for every other trainer, which wait for this
+        # one in a collective. Leave at once; the launcher ends the others.
+        if isinstance(exc, DataError):
+            print(f"error: {exc}", file=sys.stderr)
+        else:
+            import traceback
+
+            traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2 if isinstance(exc, DataError) else 1)
+    _report(out, result, config, curves)
+    return 0
+
+
+def _cmd_dist_launch(args) -> int:
+    from .dist_launch import launch
+    from .dist_train import check_request
+    from .graphs.partition import read_partition_config
+
+    own = {"--dist-config", "--ip-config", "--nproc"}
+    given = sorted({a.split("=", 1)[0] for a in args.train_argv} & own)
+    if given:
+        raise DataError("<command line>", given[0], "is set by dist-launch",
+                        "drop it: dist-launch passes the partition and its own ip_config to every process")
+    train_args = build_parser().parse_args(["train", *args.train_argv])   # train's options, checked
+    config = _train_config(train_args)
+    partition = read_partition_config(args.part_config)
+    if int(partition["num_parts"]) != args.parts:
+        raise DataError(args.part_config, "--parts", f"is {args.parts}, but the partition has "
+                        f"{partition['num_parts']} parts", f"give --parts {partition['num_parts']}")
+    check_request(config, args.part_config, None)
+    output = launch(args.part_config, args.parts, args.train_argv, threads=config.train.threads,
+                    server_timeout=args.server_timeout, timeout=args.timeout)
+    sys.stdout.write(output)
     return 0
 
 
@@ -442,7 +532,23 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=arguments.threads, help="torch and Numba threads (train.threads; 0: torch's default)")
     tr.add_argument("--precision", choices=("fp32", "bf16"),
                     help="arithmetic of the training steps (train.precision; bf16: not for ci2mg)")
+    tr.add_argument("--dist-config", metavar="P.json",
+                    help="train on DistDGL partitions (dgmrec-dgl partition's <name>.json) as one trainer, or "
+                    "serve one under DGL_ROLE=server; with --ip-config (README, DistDGL partitions)")
+    tr.add_argument("--ip-config", metavar="F", help="the graph servers: one 'IP PORT' line per partition")
     tr.set_defaults(run=_cmd_train)
+
+    dl = commands.add_parser(
+        "dist-launch", help="train on DistDGL partitions on this machine: a graph server and a trainer per part",
+        description="Start one graph server and one trainer per partition on this machine (loopback addresses "
+        "127.0.0.1, 127.0.0.2, ...), as DGL's launcher does on a cluster, wait for them and end them all. "
+        "Every other option is passed to `dgmrec-dgl train` (--config, --out, --data, --epochs, ...).")
+    dl.add_argument("--parts", type=arguments.count, required=True, help="the partition count")
+    dl.add_argument("--part-config", required=True, metavar="P.json", help="the partition's <name>.json")
+    dl.add_argument("--server-timeout", type=_seconds, default=120.0,
+                    help="seconds within which every graph server must listen (default 120)")
+    dl.add_argument("--timeout", type=_seconds, default=0.0, help="seconds for the whole run (default 0: no limit)")
+    dl.set_defaults(run=_cmd_dist_launch)
 
     ev = commands.add_parser("evaluate", help="full-ranking metrics of a run's best checkpoint, overall and by "
                              "missing level; writes RUN/evaluation.json")
@@ -487,7 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["dist-launch"]:      # its other options are train's, passed on
+        args, args.train_argv = build_parser().parse_known_args(argv)
+    else:
+        args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         warnings.showwarning = lambda message, *_a, **_k: print(f"warning: {message}", file=sys.stderr)

@@ -41,7 +41,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numba
 import numpy as np
@@ -118,6 +118,7 @@ class Session:
     generator: torch.Generator
     step_precision: object
     state: RunState
+    notes: dict = field(default_factory=dict)    # extra entries of metrics.json (distributed training's)
 
     @property
     def main(self) -> bool:
@@ -184,13 +185,15 @@ _SAMPLER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_pref
 
 
 def epoch_batches(model: Recommender, g, triples, batch_size: int, seed: int, epoch: int, *, ahead: int = 2,
-                  timing: dict | None = None):
+                  timing: dict | None = None, inline: bool = False):
     """The epoch's :class:`Batch` es, in order: ``model.sample_batch`` on each slice of ``triples``.
 
     In sampled mode the batches are drawn on the sampler thread (DGL's samplers release the GIL), up to
     ``ahead`` batches ahead of the step that consumes them, so sampling overlaps the compute; ``ahead=0``
     draws each batch only once the previous step has finished (no overlap; for measuring). Other modes
-    draw nothing worth a thread and build the batches inline. ``timing`` (if given) receives ``sample``
+    draw nothing worth a thread and build the batches inline, as ``inline=True`` makes every mode do (on
+    a ``DistGraph`` the draws are requests to the graph servers, and DGL's RPC client is not thread-safe:
+    a response could reach the step's thread instead). ``timing`` (if given) receives ``sample``
     (seconds the sampler worked) and ``wait`` (seconds the step waited for a batch).
     """
     users, pos, neg = triples
@@ -207,7 +210,7 @@ def epoch_batches(model: Recommender, g, triples, batch_size: int, seed: int, ep
         timing["sample"] += time.perf_counter() - t
         return batch
 
-    if model.execution() != "sampled":
+    if inline or model.execution() != "sampled":
         for i in range(len(starts)):
             yield make(i)
         return
@@ -429,23 +432,32 @@ def run_epoch(s: Session, epoch: int, *, progress: bool = False) -> dict:
     return record
 
 
-def validate_and_keep_best(s: Session, epoch: int, record: dict, *, progress: bool = False) -> None:
-    """Valid metrics into ``record``; on a better one, test, ``best.pt`` and ``metrics.json``; early stopping."""
+def validate_and_keep_best(s: Session, epoch: int, record: dict, *, progress: bool = False,
+                           embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           model_state: dict | None = None) -> None:
+    """Valid metrics into ``record``; on a better one, test, ``best.pt`` and ``metrics.json``; early stopping.
+
+    ``embeddings`` (user, item) are what the ranking scores by inner product (default: the model's forward
+    on its scoring graph); ``model_state`` what ``best.pt`` holds (default: ``model.state_dict()``).
+    Distributed training passes both, computed over the partitions.
+    """
     config, model, state = s.config, s.model, s.state
-    g_score = model.scoring_graph(s.g)
-    valid = evaluate_model(model, g_score, s.dataset, "valid", config, user_sample=config.eval.user_sample,
-                           progress=progress)
+    if embeddings is None:
+        embeddings = model_embeddings(model, model.scoring_graph(s.g))
+    valid = evaluate_embeddings(*embeddings, s.dataset, "valid", config, user_sample=config.eval.user_sample,
+                                progress=progress)
     record["valid"] = valid
     metric = valid[config.eval.select_metric]
     if metric > state.best_metric:
         state.best_metric, state.best_epoch, state.bad_validations = metric, epoch, 0
-        test = evaluate_model(model, g_score, s.dataset, "test", config, by_missing_level=True, progress=progress)
+        test = evaluate_embeddings(*embeddings, s.dataset, "test", config, by_missing_level=True, progress=progress)
         record["test"] = test
-        _save(s.path("best.pt"), model=model.state_dict(), epoch=epoch, graph_state=model.graph_state())
+        _save(s.path("best.pt"), model=model.state_dict() if model_state is None else model_state, epoch=epoch,
+              graph_state=model.graph_state())
         atomic_write_json(s.path("metrics.json"),
                           {"best_epoch": epoch, "valid": valid, "test": test, "execution": model.execution(),
                            "data": {"imputation": s.dataset.imputation, "reduction": s.dataset.reduction},
-                           "finished": False})
+                           **s.notes, "finished": False})
     else:
         state.bad_validations += 1
         # reach patience (ours), or exceed it as the release's early_stopping does (train.patience_rule)
@@ -574,21 +586,34 @@ def _check_replicas(model: Recommender, generator: torch.Generator, epoch: int) 
 
 def evaluate_model(model: Recommender, g, dataset: Dataset, split: str, config: Config,
                    by_missing_level: bool = False, *, user_sample: int = 0, progress: bool = False) -> dict[str, float]:
-    """Full-ranking metrics of ``model`` on ``split``.
+    """Full-ranking metrics of ``model`` on ``split`` (:func:`evaluate_embeddings` of :func:`model_embeddings`)."""
+    return evaluate_embeddings(*model_embeddings(model, g), dataset, split, config, by_missing_level,
+                               user_sample=user_sample, progress=progress)
+
+
+def model_embeddings(model: Recommender, g) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(user [n_users, d'], item [n_items, d'])`` whose inner products are the model's scores (eval mode, no grad)."""
+    model.eval()
+    with torch.no_grad():
+        user, item = model.fused(model(g))
+    model.train()
+    return user, item
+
+
+def evaluate_embeddings(user: torch.Tensor, item: torch.Tensor, dataset: Dataset, split: str, config: Config,
+                        by_missing_level: bool = False, *, user_sample: int = 0,
+                        progress: bool = False) -> dict[str, float]:
+    """Full-ranking metrics on ``split`` of the scores ``user @ item.T`` (rows in the dataset's ids).
 
     With ``by_missing_level`` (and a mask), adds ``<metric>/group=g``: the metric over held-out items
     missing g modalities (the paper's Fig. 3 breakdown). ``user_sample > 0`` ranks for that many users of
     the split only, drawn with ``config.train.seed`` (the same users at every validation).
     """
     groups = dataset.mask.n_missing() if by_missing_level and dataset.mask is not None else None
-    model.eval()
     with torch.no_grad():
-        user, item = model.fused(model(g))
-        result = evaluate(None, dataset, split, config.eval.ks, factors=(user, item),
-                          budget_bytes=config.eval.budget_mb << 20, item_groups=groups,
-                          user_sample=user_sample, seed=config.train.seed, progress=progress)
-    model.train()
-    return result
+        return evaluate(None, dataset, split, config.eval.ks, factors=(user, item),
+                        budget_bytes=config.eval.budget_mb << 20, item_groups=groups,
+                        user_sample=user_sample, seed=config.train.seed, progress=progress)
 
 
 def load_run(run_dir: str):

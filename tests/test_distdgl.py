@@ -151,7 +151,7 @@ def test_a_distgraph_server_serves_a_client_and_everything_ends(served):
     assert sorted(map(tuple, got["etypes"])) == sorted([("item", "interacted_by", "user"), knn_etype("image"),
                                                         knn_etype("text"), ("user", "interacts", "item")])
     assert got["num_nodes"] == {"item": ds.n_items, "user": ds.n_users}
-    assert got["fields"] == ["feat_image", "feat_text", "norm", "present_image", "present_text"]
+    assert got["fields"] == ["degree", "feat_image", "feat_text", "norm", "present_image", "present_text"]
     ids = np.load(root / "parts" / ID_MAP)["item"]       # one part: DGL keeps the ids
     np.testing.assert_array_equal(ids, np.arange(ds.n_items))
     np.testing.assert_array_equal(np.array(got["feat_image"], np.float32), ds.features["image"][ITEMS])

@@ -10,6 +10,8 @@
   ``lightgcn_blocks``, ``sample_one_hop``) for the sampled execution mode.
 - :mod:`.partition` — the heterograph with its node data as DistDGL partitions (``partition_dataset``,
   ``summarize_partitions``; ``dgmrec-dgl partition``).
+- :mod:`.distgraph` — graph servers, a trainer's ``DistGraph`` and its share of the train interactions
+  (training on partitions, :mod:`dgmrec_dgl.dist_train`).
 
 The DGL/torch side (:mod:`.hetero`, :mod:`.blocks`, :mod:`.sampling`, :mod:`.partition`) is imported on
 first use, so the FAISS/Numba side can run without loading torch (the graph benchmark measures its memory

@@ -9,7 +9,8 @@ read through :class:`dgl.distributed.DistGraph`:
   on every relation and node field ``norm`` on both node types, as the single-machine models use them;
 * the node data the models read per item: ``feat_<m>`` (the raw modality rows, missing rows imputed as
   the dataset says; float32 or float16 as loaded) and ``present_<m>`` (uint8, 1 where the item has
-  modality m: the missing-modality mask).
+  modality m: the missing-modality mask); per user and item ``degree`` (its train interactions: the full
+  degree a sampled layer is scaled by, :mod:`.sampling`).
 
 DGL renumbers the nodes so that each part owns a contiguous id range per node type; ``DIR/orig_ids.npz``
 maps them back (``orig_ids[ntype][new_id] = dataset id``). ``DIR/<name>.json`` is DGL's partition config
@@ -54,7 +55,7 @@ from .hetero import IU, UI, build_heterograph
 from .knn import modality_knn_graphs
 
 __all__ = ["ID_MAP", "METHODS", "SUMMARY", "format_summary", "partition_dataset", "partition_graph_of",
-           "summarize_partitions"]
+           "read_partition_config", "summarize_partitions"]
 
 METHODS = ("metis", "random")
 SUMMARY = "partition_summary.json"
@@ -77,14 +78,18 @@ def partition_graph_of(dataset, knn_graphs: dict) -> dgl.DGLGraph:
         knn_graphs: modality -> normalised :class:`~.knn.KnnGraph` [n_items, n_items].
 
     Returns:
-        the graph, with every sparse format allowed (``partition_graph`` needs COO) and item fields
-        ``feat_<m>`` [n_items, d_m], ``present_<m>`` uint8 [n_items].
+        the graph, with every sparse format allowed (``partition_graph`` needs COO), item fields
+        ``feat_<m>`` [n_items, d_m], ``present_<m>`` uint8 [n_items] and on both node types ``degree``
+        (int64: in-degree through the user–item relation, i.e. the node's train interactions).
     """
     g = build_heterograph(dataset, knn_graphs).formats(["coo", "csr", "csc"])
     for m in dataset.modalities:
         # np.array copies: the features may be a read-only memory map, which torch would only wrap
         g.nodes["item"].data[f"feat_{m}"] = torch.from_numpy(np.array(dataset.features[m]))
         g.nodes["item"].data[f"present_{m}"] = torch.from_numpy(np.asarray(dataset.present[m], dtype=np.uint8))
+    for ntype, relation in (("user", IU), ("item", UI)):
+        # the full degrees sampled layers scale by (graphs.sampling); a DistGraph has no per-relation in_degrees
+        g.nodes[ntype].data["degree"] = g.in_degrees(etype=relation)
     return g
 
 
@@ -194,7 +199,12 @@ def _describe(dataset, mask: str | None) -> dict:
             "missing": {m: int((~dataset.present[m]).sum()) for m in dataset.modalities}}
 
 
-def _read_config(config_path: str) -> dict:
+def read_partition_config(config_path: str) -> dict:
+    """DGL's partition config ``<name>.json`` as a dict, after checking that every part's files exist.
+
+    Raises:
+        DataError: the config is missing, unreadable or not a DGL partition config, or a part's file is missing.
+    """
     if not os.path.isfile(config_path):
         raise DataError(config_path, "partition config", "does not exist",
                         "pass the <name>.json that `dgmrec-dgl partition` wrote")
@@ -240,7 +250,7 @@ def summarize_partitions(config_path: str | os.PathLike, inputs: dict | None = N
         DataError: the config or a part's file is missing or unreadable.
     """
     config_path = os.path.abspath(os.fspath(config_path))
-    config = _read_config(config_path)
+    config = read_partition_config(config_path)
     folder = os.path.dirname(config_path)
     ntypes = {int(i): nt for nt, i in config["ntypes"].items()}
     etypes = {int(i): et for et, i in config["etypes"].items()}

@@ -24,7 +24,8 @@ import torch
 from dgmrec_dgl._dgl import dgl
 from dgmrec_dgl.graphs.hetero import IU, UI, propagate
 
-__all__ = ["dgl_threads", "lightgcn_blocks", "sample_one_hop", "sample_ui_blocks", "seed_sampling"]
+__all__ = ["dgl_threads", "lightgcn_blocks", "node_rows", "sample_one_hop", "sample_ui_blocks", "seed_sampling",
+           "ui_degrees"]
 
 _DST_RELATION = {"user": IU, "item": UI}     # the relation each node type receives its messages through
 
@@ -48,6 +49,24 @@ def _all_relations(g, chosen: dict, fanout: int) -> dict:
     return {etype: (fanout if etype in chosen else 0) for etype in g.canonical_etypes}
 
 
+def node_rows(g, ntype: str, field: str, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of node field ``field`` of ``g`` (a heterograph, or a ``DistGraph`` whose fields are
+    ``DistTensor`` s read over the network)."""
+    data = g.nodes[ntype].data[field]
+    return torch.index_select(data, 0, ids) if isinstance(data, torch.Tensor) else data[ids]
+
+
+def ui_degrees(g, ntype: str, ids: torch.Tensor) -> torch.Tensor:
+    """In-degrees of nodes ``ids`` of ``ntype`` through its user–item relation (its train interactions).
+
+    A ``DistGraph`` answers ``in_degrees`` for homogeneous graphs only (DGL 2.1), so on one the partition's
+    node field ``degree`` (:func:`~.partition.partition_graph_of`) is read instead.
+    """
+    if isinstance(g, dgl.DGLGraph):
+        return g.in_degrees(ids, etype=_DST_RELATION[ntype])
+    return node_rows(g, ntype, "degree", ids)
+
+
 def _set_sampled_norms(g, block) -> None:
     """Node fields ``norm`` of a sampled user–item block, read by :func:`~.hetero.propagate`.
 
@@ -56,16 +75,16 @@ def _set_sampled_norms(g, block) -> None:
     for ntype, relation in _DST_RELATION.items():
         if ntype not in block.dsttypes:
             continue
-        parent = g.nodes[ntype].data["norm"]
-        block.srcnodes[ntype].data["norm"] = torch.index_select(parent, 0, block.srcnodes[ntype].data[dgl.NID])
+        block.srcnodes[ntype].data["norm"] = node_rows(g, ntype, "norm", block.srcnodes[ntype].data[dgl.NID])
         dst = block.dstnodes[ntype].data[dgl.NID]
+        norm = node_rows(g, ntype, "norm", dst)
         if relation not in block.canonical_etypes:
-            block.dstnodes[ntype].data["norm"] = torch.index_select(parent, 0, dst)
+            block.dstnodes[ntype].data["norm"] = norm
             continue
-        full = g.in_degrees(dst, etype=relation).to(parent.dtype)
-        drawn = block.in_degrees(etype=relation).to(parent.dtype)
+        full = ui_degrees(g, ntype, dst).to(norm.dtype)
+        drawn = block.in_degrees(etype=relation).to(norm.dtype)
         share = torch.where(drawn > 0, full / drawn.clamp(min=1), torch.ones_like(full))
-        block.dstnodes[ntype].data["norm"] = torch.index_select(parent, 0, dst) * share.unsqueeze(1)
+        block.dstnodes[ntype].data["norm"] = norm * share.unsqueeze(1)
 
 
 def sample_ui_blocks(g, users: torch.Tensor, items: torch.Tensor, fanouts: list[int]) -> list:

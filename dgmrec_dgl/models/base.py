@@ -87,6 +87,15 @@ class Recommender(nn.Module):
     def main_parameters(self) -> list[nn.Parameter]:
         return list(self.parameters())
 
+    def row_tables(self) -> dict[str, str]:
+        """The trainable tables with one row per node, as ``state_dict`` key -> node type (``user``/``item``).
+
+        Distributed training (:mod:`dgmrec_dgl.dist_train`) holds these as ``dgl.distributed.DistEmbedding``
+        s, each row on its node's partition; the model reads them only through :func:`read_rows` in
+        sampled mode. Default: none (the model cannot train on DistDGL partitions).
+        """
+        return {}
+
     def auxiliary_optimizer(self) -> torch.optim.Optimizer | None:
         return None
 
@@ -142,6 +151,16 @@ def sparse_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     of a 0.6 s step. A table read twice in one step gets the sum of two such gradients (then coalesced).
     """
     return _SparseRows.apply(table, ids)
+
+
+def read_rows(table, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` (int64, **distinct**) of a trainable row table, with a gradient for its optimiser.
+
+    ``table`` is a tensor (read by :func:`sparse_rows`: a row-sparse gradient) or, in distributed training,
+    a ``dgl.distributed.DistEmbedding``, which is called with the ids: it pulls the rows from their
+    partitions' servers and records the read, and DGL's distributed sparse optimiser steps those rows.
+    """
+    return sparse_rows(table, ids) if isinstance(table, torch.Tensor) else table(ids)
 
 
 def distinct_rows(users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor):

@@ -1,0 +1,124 @@
+"""DistDGL's side of distributed training: graph servers, a trainer's ``DistGraph``, its share of the train edges.
+
+One process per role, as DGL's ``tools/launch.py`` starts them (environment variables ``DGL_ROLE``,
+``DGL_SERVER_ID``, ``DGL_NUM_SERVER``, ``DGL_NUM_CLIENT``, ``DGL_IP_CONFIG``, ``DGL_CONF_PATH``):
+
+* :func:`serve`: a graph server of one partition (``DGL_ROLE=server``); returns only when the trainers
+  shut the servers down.
+* :func:`connect`: a trainer's connection to every server and its :class:`dgl.distributed.DistGraph`.
+  Trainer r works for partition r (one trainer per partition: ``torch.distributed`` rank r on machine r).
+* :func:`own_train_edges`: the partition's train interactions, the ``interacts`` in-edges of the items the
+  partition owns (DGL assigns an edge to the part of its destination), drawn by DGL's distributed sampler
+  with every neighbour; :func:`user_histories`: every train item of some users (their ``interacted_by``
+  in-edges), for the negatives' rejection.
+
+Several partitions on one host (``dgmrec-dgl dist-launch``): every server and trainer plays the machine
+of its part (:func:`dgmrec_dgl._dgl.play_machine`, chosen by the environment variables it names); the
+servers then keep the graph structure out of shared memory (``disable_shared_mem``), so a trainer reads
+its own part's structure over loopback like every other part's, and gets its partition book from the
+partition config (:func:`dgl.distributed.load_partition_book`) instead of from shared memory.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dgmrec_dgl._dgl import dgl, play_machine, played_machine
+from dgmrec_dgl.errors import DataError
+from dgmrec_dgl.graphs.hetero import IU, UI
+
+__all__ = ["connect", "own_nodes", "own_train_edges", "read_ip_config", "serve", "user_histories"]
+
+#: seeds per distributed sampling request when a trainer reads whole neighbourhoods
+CHUNK = 65536
+
+
+def read_ip_config(path: str, parts: int) -> list[tuple[str, int]]:
+    """The ``(address, port)`` of each graph server: one ``IP PORT`` line per partition, machine i on line i.
+
+    Raises:
+        DataError: the file is missing or unreadable, a line is not ``IP PORT``, or the line count is not
+            the partition count (DistDGL runs one machine, with its graph server, per partition).
+    """
+    try:
+        with open(path) as fh:
+            lines = [line.split() for line in fh if line.strip()]
+    except OSError as exc:
+        raise DataError(path, "--ip-config", f"cannot be read ({exc.strerror})",
+                        "pass a file with one 'IP PORT' line per partition") from None
+    servers = []
+    for number, fields in enumerate(lines, 1):
+        if len(fields) != 2 or not fields[1].isdigit() or not 0 < int(fields[1]) < 65536:
+            raise DataError(path, f"line {number}", f"{' '.join(fields)!r} is not 'IP PORT'",
+                            "write one 'IP PORT' line per partition, e.g. '10.0.0.1 30050'")
+        servers.append((fields[0], int(fields[1])))
+    if len(servers) != parts:
+        raise DataError(path, "--ip-config", f"lists {len(servers)} machines for {parts} partitions",
+                        f"give {parts} lines, one 'IP PORT' per partition (machine i serves partition i)")
+    return servers
+
+
+def serve(part_config: str, ip_config: str) -> None:
+    """Serve one partition as DGL's launcher asks (``DGL_ROLE=server`` and the ``DGL_*`` variables it sets).
+
+    Returns when the trainers shut the servers down. Under :func:`~dgmrec_dgl._dgl.played_machine`
+    (several parts on one host) the server plays its part's machine and keeps the graph out of shared memory.
+    """
+    host = played_machine()
+    if host is None:
+        dgl.distributed.initialize(ip_config)       # DGL_ROLE=server: serves, then exits the process
+        return
+    play_machine(*host)
+    server = dgl.distributed.DistGraphServer(
+        int(os.environ["DGL_SERVER_ID"]), ip_config, int(os.environ.get("DGL_NUM_SERVER", "1")),
+        int(os.environ["DGL_NUM_CLIENT"]), part_config, disable_shared_mem=True, graph_format=["csc"])
+    server.start()
+
+
+def connect(part_config: str, ip_config: str, graph_name: str):
+    """This trainer's :class:`dgl.distributed.DistGraph` (after ``dgl.distributed.initialize``)."""
+    host = played_machine()
+    if host is not None:
+        play_machine(*host)
+    dgl.distributed.initialize(ip_config)
+    book = None if host is None else dgl.distributed.load_partition_book(part_config, host[0])[0]
+    return dgl.distributed.DistGraph(graph_name, gpb=book)
+
+
+def own_nodes(g, ntype: str) -> torch.Tensor:
+    """The ids (DGL's numbering) of the ``ntype`` nodes this trainer's partition owns: one contiguous range."""
+    book = g.get_partition_book()
+    return book.partid2nids(book.partid, ntype)
+
+
+def _in_edges(g, ntype: str, relation, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every in-edge ``(src, dst)`` of ``relation`` into ``nodes``, drawn in chunks by DGL's distributed sampler."""
+    fanouts = {etype: (-1 if etype == relation else 0) for etype in g.canonical_etypes}
+    src, dst = [], []
+    for start in range(0, len(nodes), CHUNK):
+        frontier = dgl.distributed.sample_etype_neighbors(g, {ntype: nodes[start:start + CHUNK]}, fanouts)
+        s, d = frontier.edges(etype=relation)
+        src.append(s)
+        dst.append(d)
+    return (torch.cat(src), torch.cat(dst)) if src else (torch.zeros(0, dtype=torch.int64),) * 2
+
+
+def own_train_edges(g) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(users, items)``: the train interactions this trainer's partition owns, sorted by item then user."""
+    users, items = _in_edges(g, "item", UI, own_nodes(g, "item"))
+    order = torch.argsort(items * g.num_nodes("user") + users)
+    return users[order], items[order]
+
+
+def user_histories(g, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR ``(indptr [len(users)+1], indices)`` of every train item of ``users`` (distinct, sorted), row i
+    for ``users[i]``, items ascending: what the BPR negatives are drawn outside of."""
+    items, dst = _in_edges(g, "user", IU, users)
+    row = torch.searchsorted(users, dst)
+    order = torch.argsort(row * g.num_nodes("item") + items)
+    counts = torch.bincount(row, minlength=len(users))
+    indptr = torch.zeros(len(users) + 1, dtype=torch.int64)
+    indptr[1:] = torch.cumsum(counts, 0)
+    return indptr, items[order]
