@@ -64,6 +64,9 @@ class TrainConfig:
     lr_decay_every: int = 50
     eval_every: int = 3
     patience: int = 30                 # validations without a better valid Recall@20
+    # Stop once the validations without improvement reach `patience` (ours) or exceed it (the release's
+    # early_stopping: `cur_step > stopping_step`, one validation more). None: model.fidelity's choice.
+    patience_rule: str | None = None
     seed: int = 999
     device: str = "cpu"
     threads: int = 0                   # torch threads; 0 = torch's default
@@ -198,8 +201,22 @@ class DGMRecConfig(_ChecksExecution):
     club_batch: int = 2048
     generate: bool = True                  # False: no generation and no refinement (Table 4 "w/o Generation")
     generate_multi_missing: bool = False   # also overwrite rows of items missing several modalities
-    score_with_refined_graph: bool = True  # False reproduces the journal release (initial graph at scoring)
-    refine_sources: str = "present"        # paper: edges from items having m; "all" as the release
+    # Where the authors' release and the paper differ (README, "Where the release and the paper differ";
+    # FIDELITY below): one switch per difference. A switch left None follows `fidelity` (paper: our
+    # default, the paper's maths; release: what ptkjw1997/DGMRec's code does), resolved by
+    # resolve_fidelity(); a value given explicitly wins. Values: paper | release.
+    fidelity: str = "paper"
+    knn_candidates: str | None = None      # top-k among present items | all items, then missing columns dropped
+    generation_input: str | None = None    # general translators read ḡ (filtered, propagated) | E^g (encoder output)
+    loss_items: str | None = None          # rows of the Eq. 8 / 12-14 item terms: unique(pos) | unique(pos ∪ neg)
+    club_items: str | None = None          # rows of the CLUB term (Eq. 7) in the loss: positives | all items
+    refine_count_from: int | None = None   # epochs counted from 0 (refine before epoch 5, 10, ...) | 1 (4, 9, ...)
+    perturb_over: str | None = None        # noise of norm perturb_eps on each of [ḡ, s̄] | on their concatenation
+    linear_bias_init: str | None = None    # biases of encoders, decoders, generators: zero | uniform (PyTorch's)
+    ui_align_audio: str | None = None      # UI-align's audio term on s̄_a | ḡ_a (release, 3 modalities)
+    refine_rows: str | None = None         # rows refined: items lacking m | lacking m alone (release, 3 modalities)
+    score_with_refined_graph: bool | None = None  # scores on the refined graph | the initial one (journal release)
+    refine_sources: str | None = None      # new edges of refined rows from items having m | all items
     # Eq. 16 blends by union, so a refined row gains up to knn_k columns per refinement and never loses
     # one. A refined entry below refine_tolerance x its row's largest is dropped; 0 keeps the paper's maths.
     refine_tolerance: float = 0.0
@@ -298,6 +315,51 @@ class CI2MGConfig:
         super().__setattr__(name, value)
 
 
+#: Every difference between the paper (our default) and the authors' release: switch -> (paper value, release
+#: value). The switches are DGMRecConfig keys but ``patience_rule`` (TrainConfig). README, "Where the release
+#: and the paper differ", says where each acts. generate_multi_missing is not here: its default is the release's.
+FIDELITY: dict[str, tuple[object, object]] = {
+    "knn_candidates": ("present", "all"),
+    "generation_input": ("propagated", "encoder"),
+    "loss_items": ("positives", "batch_items"),
+    "club_items": ("positives", "all"),
+    "refine_count_from": (0, 1),
+    "perturb_over": ("parts", "concat"),
+    "linear_bias_init": ("zero", "uniform"),
+    "ui_align_audio": ("specific", "general"),
+    "refine_rows": ("missing", "missing_alone"),
+    "score_with_refined_graph": (True, False),
+    "refine_sources": ("present", "all"),
+    "patience_rule": ("reach", "exceed"),
+}
+FIDELITIES = ("paper", "release")
+#: switches whose release value is that of the release's separate 3-modality code (TikTok); with fewer
+#: modalities the release runs its 2-modality code, which agrees with the paper here
+THREE_MODALITY_SWITCHES = ("ui_align_audio", "refine_rows")
+
+
+def resolve_fidelity(section, fidelity: str, n_modalities: int | None = None):
+    """``section`` (a :class:`DGMRecConfig` or :class:`TrainConfig`) with every :data:`FIDELITY` switch left
+    None set to its value under ``fidelity`` (``paper`` or ``release``); explicit values are kept.
+
+    ``n_modalities`` decides the :data:`THREE_MODALITY_SWITCHES` under ``release`` (needed when one is None).
+    Returns a new object; ``section`` is not modified. Resolving twice changes nothing.
+    """
+    if fidelity not in FIDELITIES:
+        raise ValueError(f"fidelity must be one of {FIDELITIES}, got {fidelity!r}")
+    values = {}
+    for f in dataclasses.fields(section):
+        if f.name not in FIDELITY or getattr(section, f.name) is not None:
+            continue
+        paper, release = FIDELITY[f.name]
+        if fidelity == "release" and f.name in THREE_MODALITY_SWITCHES:
+            if n_modalities is None:
+                raise ValueError(f"resolving {f.name} under fidelity 'release' needs the number of modalities")
+            release = release if n_modalities >= 3 else paper
+        values[f.name] = release if fidelity == "release" else paper
+    return dataclasses.replace(section, **values)
+
+
 MODEL_CONFIGS = {"dgmrec": DGMRecConfig, "mfbpr": MFBPRConfig, "lightgcn": LightGCNConfig,
                  "ci2mg": CI2MGConfig}
 
@@ -388,6 +450,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "device": one_of("cpu"),
         "threads": at_least(0),                           # 0: torch's default
         "precision": one_of(*PRECISIONS),
+        "patience_rule": one_of(*FIDELITY["patience_rule"]),      # reach (ours) | exceed (release)
         "keep_freed_memory": ANY,
         "sample_ahead": at_least(0),                      # 0: no overlap of sampling and compute
     },
@@ -416,6 +479,17 @@ RULES: dict[str, dict[str, Rule]] = {
         "generate": ANY, "generate_multi_missing": ANY, "score_with_refined_graph": ANY, "ot_delta": ANY,
         "shared_norm": ANY,
         "refine_sources": one_of("present", "all"),       # graphs/refine.py
+        # the release-vs-paper switches (FIDELITY): each one of its two values
+        "fidelity": one_of(*FIDELITIES),
+        "knn_candidates": one_of("present", "all"),       # graphs/knn.py build_knn(candidates=)
+        "generation_input": one_of(*FIDELITY["generation_input"]),
+        "loss_items": one_of(*FIDELITY["loss_items"]),
+        "club_items": one_of(*FIDELITY["club_items"]),
+        "refine_count_from": Rule("0 or 1", lambda v: _is_int(v) and v in (0, 1)),
+        "perturb_over": one_of(*FIDELITY["perturb_over"]),
+        "linear_bias_init": one_of(*FIDELITY["linear_bias_init"]),
+        "ui_align_audio": one_of(*FIDELITY["ui_align_audio"]),
+        "refine_rows": one_of(*FIDELITY["refine_rows"]),
         "refine_tolerance": number(0.0, 1.0, high_open=True),
         "knn_index": one_of("auto", "exact", "ivf", "hnsw"),  # graphs/knn.py
         "execution": one_of(*EXECUTIONS),

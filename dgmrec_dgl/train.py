@@ -11,7 +11,7 @@ Per epoch (the reference schedule, DGMRec_SPEC §1 and §4):
    benchmarks), whose loss reads ``model.batch_forward``.
 3. Every ``eval_every`` epochs: valid Recall@20 (full ranking; ``eval.user_sample`` users if set); the best
    model is checkpointed atomically and tested on every test user; training stops after ``patience``
-   validations without improvement.
+   validations without improvement (``patience + 1`` under ``train.patience_rule: exceed``, the release's).
 
 :func:`train` reads as its pieces: :func:`_setup` (data, model, graph, optimisers), :func:`_restore`
 (resume or a fresh folder), then per epoch :func:`run_epoch`, :func:`validate_and_keep_best` and
@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from kernels.sampling import bpr_triples
 
 from . import distributed
-from .config import Config, load_config, save_config
+from .config import Config, load_config, resolve_fidelity, save_config
 from .data.dataset import Dataset
 from .data.masks import MissingMask
 from .data.new_items import new_items_split
@@ -448,7 +448,9 @@ def validate_and_keep_best(s: Session, epoch: int, record: dict, *, progress: bo
                            "finished": False})
     else:
         state.bad_validations += 1
-        state.stopped = state.bad_validations >= config.train.patience
+        # reach patience (ours), or exceed it as the release's early_stopping does (train.patience_rule)
+        rule = resolve_fidelity(config.train, getattr(config.model, "fidelity", "paper")).patience_rule
+        state.stopped = state.bad_validations >= config.train.patience + (rule == "exceed")
 
 
 def _checkpoint(s: Session, record: dict) -> None:

@@ -74,6 +74,14 @@ CONFIG_CASES = [
     (None, "model", "history_every", "-1"), ("lightgcn", "model", "history_every", "2.5"),
     (None, "train", "sample_ahead", "-1"), (None, "eval", "user_sample", "-100"),
     (None, "model", "generate", "1"),
+    # the release-vs-paper switches (config.FIDELITY)
+    (None, "model", "fidelity", "journal"), (None, "model", "knn_candidates", "missing"),
+    (None, "model", "generation_input", "raw"), (None, "model", "loss_items", "negatives"),
+    (None, "model", "club_items", "batch"), (None, "model", "refine_count_from", "2"),
+    (None, "model", "refine_count_from", "-1"), (None, "model", "refine_count_from", "true"),
+    (None, "model", "perturb_over", "each"), (None, "model", "linear_bias_init", "xavier"),
+    (None, "model", "ui_align_audio", "both"), (None, "model", "refine_rows", "all"),
+    (None, "model", "score_with_refined_graph", "maybe"), (None, "train", "patience_rule", "'>'"),
     # LightGCN, MF-BPR
     ("lightgcn", "model", "n_layers", "-1"), ("lightgcn", "model", "embedding_dim", "0"),
     ("lightgcn", "model", "reg", "-1.0e-4"),

@@ -5,7 +5,8 @@
 
 ``h_m: R^{d_m} → R^d`` projects each modality to a common width, ``f^g: R^d → R^d`` is shared by all
 modalities (it extracts what they have in common), ``f^s_m: R^{d_m} → R^d`` is per modality. Each is one
-Linear layer with Xavier initialisation; σ is the sigmoid, as in the reference implementation.
+Linear layer with Xavier-initialised weights; σ is the sigmoid, as in the reference implementation. Biases
+start at zero, or (``bias_init="uniform"``, the release) at PyTorch's default U(−1/√d_in, 1/√d_in).
 
 :func:`encode` computes both features of a modality with h_m and f^s_m as one product (see there).
 """
@@ -17,10 +18,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def xavier_linear(d_in: int, d_out: int, bias: bool = True) -> nn.Linear:
+#: initial biases of DGMRec's Linear layers (DGMRecConfig.linear_bias_init)
+BIAS_INITS = ("zero", "uniform")
+
+
+def xavier_linear(d_in: int, d_out: int, bias: bool = True, bias_init: str = "zero") -> nn.Linear:
+    """A Linear layer with Xavier-uniform weights and zero biases, or with ``bias_init="uniform"`` the biases
+    ``nn.Linear`` draws (U(−1/√d_in, 1/√d_in), the release's). The random draws are the same either way."""
+    if bias_init not in BIAS_INITS:
+        raise ValueError(f"bias_init must be one of {BIAS_INITS}, got {bias_init!r}")
     layer = nn.Linear(d_in, d_out, bias=bias)
     nn.init.xavier_uniform_(layer.weight)
-    if bias:
+    if bias and bias_init == "zero":
         nn.init.zeros_(layer.bias)
     return layer
 
@@ -31,12 +40,13 @@ class GeneralEncoder(nn.Module):
     Args:
         dims: modality → raw feature width ``d_m``.
         d: embedding width.
+        bias_init: ``zero`` or ``uniform`` (:func:`xavier_linear`).
     """
 
-    def __init__(self, dims: dict[str, int], d: int):
+    def __init__(self, dims: dict[str, int], d: int, bias_init: str = "zero"):
         super().__init__()
-        self.project = nn.ModuleDict({m: xavier_linear(dm, d) for m, dm in dims.items()})  # h_m
-        self.shared = xavier_linear(d, d)                                                   # f^g
+        self.project = nn.ModuleDict({m: xavier_linear(dm, d, bias_init=bias_init) for m, dm in dims.items()})  # h_m
+        self.shared = xavier_linear(d, d, bias_init=bias_init)                                               # f^g
 
     def forward(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         """``x`` [n, d_m] → general features [n, d]."""
@@ -50,9 +60,9 @@ class GeneralEncoder(nn.Module):
 class SpecificEncoder(nn.Module):
     """Specific features of one modality (its own layer ``f^s_m``)."""
 
-    def __init__(self, d_in: int, d: int):
+    def __init__(self, d_in: int, d: int, bias_init: str = "zero"):
         super().__init__()
-        self.encode = xavier_linear(d_in, d)
+        self.encode = xavier_linear(d_in, d, bias_init=bias_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [n, d_m] → specific features [n, d]."""

@@ -6,7 +6,11 @@
   (Eq. 12); as the specific generator ``G^s_m`` it maps the item's modality preference ``p_{i,m}`` (d) to the
   specific feature (Eq. 13).
 - :func:`perturb`: ``x + sign(x) ⊙ normalize(U[0,1)) · ε``, the noise the reference adds to generator and
-  decoder inputs during training.
+  decoder inputs during training. ``normalize`` is over a row of the perturbed tensor: the model perturbs
+  ḡ and s̄ apart or their concatenation (``DGMRecConfig.perturb_over``).
+
+Every Linear layer starts with Xavier weights and zero or PyTorch-default biases (``bias_init``, see
+:func:`~dgmrec_dgl.models.dgmrec.encoders.xavier_linear`).
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ from .encoders import xavier_linear
 
 
 class ModalityDecoder(nn.Module):
-    def __init__(self, d: int, d_out: int):
+    def __init__(self, d: int, d_out: int, bias_init: str = "zero"):
         super().__init__()
-        self.decode = xavier_linear(2 * d, d_out)
+        self.decode = xavier_linear(2 * d, d_out, bias_init=bias_init)
 
     def forward(self, general: torch.Tensor, specific: torch.Tensor) -> torch.Tensor:
         """``general``, ``specific`` [n, d] → reconstructed raw features [n, d_m]."""
@@ -29,9 +33,10 @@ class ModalityDecoder(nn.Module):
 
 
 class ModalityGenerator(nn.Module):
-    def __init__(self, d_in: int, d: int):
+    def __init__(self, d_in: int, d: int, bias_init: str = "zero"):
         super().__init__()
-        self.net = nn.Sequential(xavier_linear(d_in, d), nn.Tanh(), xavier_linear(d, d))
+        self.net = nn.Sequential(xavier_linear(d_in, d, bias_init=bias_init), nn.Tanh(),
+                                 xavier_linear(d, d, bias_init=bias_init))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [n, d_in] → generated features [n, d]."""

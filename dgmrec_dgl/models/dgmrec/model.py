@@ -18,7 +18,9 @@ the same values; with ``sampled`` (or ``auto`` on a large catalog) every part of
 drawn by DGL's neighbour samplers (:meth:`DGMRec.sample_batch`), an approximation (see
 :meth:`DGMRec.batch_forward` for what is computed and what changes).
 
-Where the authors' release and the paper differ, the release is followed as ``DGMRec_SPEC.md`` records it.
+Where the authors' release and the paper differ, a switch of :class:`~dgmrec_dgl.config.DGMRecConfig` picks
+one or the other (``model.fidelity`` sets them all; :data:`~dgmrec_dgl.config.FIDELITY` lists them); the model
+reads its config resolved by :func:`~dgmrec_dgl.config.resolve_fidelity`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import DGMRecConfig, drawn_fanouts, resolve_execution
+from ...config import DGMRecConfig, drawn_fanouts, resolve_execution, resolve_fidelity
 from ...graphs.blocks import item_user_block, knn_blocks, src_ids
 from ...graphs.hetero import IU, UI, build_heterograph, mean_aggregate, replace_knn_relation
 from ...graphs.knn import KnnGraph, build_knn, normalize_knn
@@ -61,6 +63,25 @@ def term(name: str):
     if torch.autograd._profiler_enabled():
         return torch.profiler.record_function(f"dgmrec.{name}")
     return contextlib.nullcontext()
+
+
+def refines_before(epoch: int, every: int, count_from: int) -> bool:
+    """Whether the kNN rows are refined before (0-based) ``epoch``: every ``every`` epochs, counting epochs
+    from ``count_from`` (0: before epochs r, 2r, ...; 1, the release's epoch counter: before r−1, 2r−1, ...)."""
+    counted = epoch + count_from
+    return counted > 0 and counted % every == 0
+
+
+def refined_rows(present: dict[str, np.ndarray], rule: str) -> dict[str, np.ndarray]:
+    """Modality → int64 ids of the items whose kNN rows Eq. 16 refines: those lacking the modality
+    (``missing``), or those lacking it alone (``missing_alone``: the release's 3-modality code)."""
+    lacks = {m: ~np.asarray(p, dtype=bool) for m, p in present.items()}
+    if rule == "missing":
+        return {m: np.flatnonzero(lack) for m, lack in lacks.items()}
+    if rule == "missing_alone":
+        return {m: np.flatnonzero(lack & ~np.any([lacks[o] for o in lacks if o != m], axis=0))
+                if len(lacks) > 1 else np.flatnonzero(lack) for m, lack in lacks.items()}
+    raise ValueError(f"refine_rows must be 'missing' or 'missing_alone', got {rule!r}")
 
 
 @dataclass
@@ -114,7 +135,7 @@ class DGMRec(Recommender):
         n_users, n_items: table sizes.
         features: modality → float32 ``[n_items, d_m]`` imputed raw features (they become trainable tables).
         present: modality → bool ``[n_items]``, False where the item lacks the modality.
-        config: hyper-parameters.
+        config: hyper-parameters (switches left None follow ``config.fidelity``).
         knn: modality → normalised kNN graph S^m (items missing m: a self-loop row).
         targets: modality → item ids whose raw rows are generated every epoch (default: none).
 
@@ -134,27 +155,27 @@ class DGMRec(Recommender):
             raise ValueError("DGMRec needs at least one modality with features")
         if set(knn) != set(features):
             raise ValueError(f"need one kNN graph per modality {sorted(features)}, got {sorted(knn)}")
-        self.config = config
+        self.config = config = resolve_fidelity(config, config.fidelity, len(features))
         self.knn = dict(knn)                   # current (refined) S^m
         self.initial_knn = dict(knn)           # S^m at build time (the journal release scores with it)
         self.targets = {m: torch.as_tensor(np.asarray((targets or {}).get(m, []), dtype=np.int64))
                         for m in features}
-        self.refine_rows = {m: np.flatnonzero(~np.asarray(present[m], dtype=bool)) for m in features}
+        self.refine_rows = refined_rows(present, config.refine_rows)
         self.modalities = tuple(features)
-        d = config.embedding_dim
+        d, bias = config.embedding_dim, config.linear_bias_init
         dims = {m: int(f.shape[1]) for m, f in features.items()}
         self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users, d)))
         self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, d)))
         self.raw = nn.ParameterDict({m: nn.Parameter(torch.from_numpy(np.array(f, np.float32)))
                                      for m, f in features.items()})
-        self.general = GeneralEncoder(dims, d)
-        self.specific = nn.ModuleDict({m: SpecificEncoder(dm, d) for m, dm in dims.items()})
+        self.general = GeneralEncoder(dims, d, bias)
+        self.specific = nn.ModuleDict({m: SpecificEncoder(dm, d, bias) for m, dm in dims.items()})
         self.preference = nn.ModuleDict({m: PreferenceFilter(d) for m in self.modalities})
-        self.decoders = nn.ModuleDict({m: ModalityDecoder(d, dm) for m, dm in dims.items()})
+        self.decoders = nn.ModuleDict({m: ModalityDecoder(d, dm, bias) for m, dm in dims.items()})
         n_other = len(self.modalities) - 1
         self.general_generators = nn.ModuleDict(
-            {m: ModalityGenerator(n_other * d, d) for m in self.modalities} if n_other else {})
-        self.specific_generators = nn.ModuleDict({m: ModalityGenerator(d, d) for m in self.modalities})
+            {m: ModalityGenerator(n_other * d, d, bias) for m in self.modalities} if n_other else {})
+        self.specific_generators = nn.ModuleDict({m: ModalityGenerator(d, d, bias) for m in self.modalities})
         # The CLUB estimators are trained by their own optimiser (see auxiliary_optimizer()).
         self.club = nn.ModuleDict({m: CLUBEstimator(d, config.club_hidden) for m in self.modalities})
         for m, mask in present.items():
@@ -170,9 +191,13 @@ class DGMRec(Recommender):
 
         Generation targets are the items missing exactly one modality (release behaviour) or, with
         ``generate_multi_missing``, every item missing it; new items are left out in the new-items setting.
+        The graphs rank among the items that have the modality, or (``knn_candidates: all``, the release)
+        among all items, mean-imputed rows included, before the columns of missing items are dropped.
         """
+        config = resolve_fidelity(config, config.fidelity, len(dataset.modalities))
         knn = {m: normalize_knn(build_knn(dataset.features[m], config.knn_k, dataset.present[m],
-                                          index=config.knn_index, seed=seed, progress=False))
+                                          candidates=config.knn_candidates, index=config.knn_index, seed=seed,
+                                          progress=False))
                for m in dataset.modalities}
         targets = {}
         for m in dataset.modalities:
@@ -228,7 +253,7 @@ class DGMRec(Recommender):
         if not cfg.generate:
             return g, log
         log["generated_rows"] = self.generate_features(g, self.targets, generator)
-        if epoch > 0 and epoch % cfg.refresh_every == 0:
+        if refines_before(epoch, cfg.refresh_every, cfg.refine_count_from):
             g = self.refine_graphs(g)
             log["refined_rows"] = {m: int(len(r)) for m, r in self.refine_rows.items()}
             log["knn_edges"] = {m: int(graph.indptr[-1]) for m, graph in self.knn.items()}
@@ -422,7 +447,8 @@ class DGMRec(Recommender):
         The ids are rows of ``reps`` (global ids for :meth:`forward`'s, local rows for blocks mode's, see
         :meth:`batch_forward`). The reconstruction term is the MSE over the items ``reps`` covers: all items
         in full mode; the batch's item set T in blocks mode, a mini-batch estimate of the all-item mean that
-        weights each item by how often batches touch it (popular items more), so not an unbiased one.
+        weights each item by how often batches touch it (popular items more), so not an unbiased one; so is
+        the CLUB term under ``club_items: all`` (the release's: every item in full mode).
         """
         cfg = self.config
         views = reps.modalities
@@ -446,20 +472,25 @@ class DGMRec(Recommender):
             general_i = sum(at_pos(v.item_general) for v in views.values())
             if cfg.intra_modal:   # UI-align, Eq. 21
                 intra = info_nce(e_u, e_i, cfg.intra_modal_temp) + info_nce(general_u, general_i, cfg.inter_modal_temp)
-                for v in views.values():
-                    intra = intra + info_nce(at_users(v.user_specific), at_pos(v.item_specific), cfg.intra_modal_temp)
+                for m, v in views.items():
+                    if m == "audio" and cfg.ui_align_audio == "general":    # the release's 3-modality code
+                        user_side, item_side = v.user_general, v.item_general
+                    else:
+                        user_side, item_side = v.user_specific, v.item_specific
+                    intra = intra + info_nce(at_users(user_side), at_pos(item_side), cfg.intra_modal_temp)
                 parts["ui_align"] = cfg.intra_modal * intra
         if cfg.align_bm:      # BM-align, Eq. 20
             with term("bm_align"):
                 parts["bm_align"] = cfg.align_bm * (info_nce(e_i, general_i, cfg.align_bm_temp)
                                                     + info_nce(e_u, general_u, cfg.align_bm_temp))
-        unique_pos = torch.unique(pos)
+        # the in-batch items of Eq. 8 and 12-14: unique(pos), or the release's unique(pos ∪ neg)
+        batch_items = torch.unique(pos if cfg.loss_items == "positives" else torch.cat([pos, neg]))
         if cfg.inter_modal and len(views) > 1:   # InfoNCE across modalities' general features, Eq. 8
             with term("inter_modal"):
                 inter = 0.0
-                pos_ids = reps.global_items(unique_pos)
+                item_ids = reps.global_items(batch_items)
                 for a, b in combinations(self.modalities, 2):
-                    both = unique_pos[self.present(a)[pos_ids] & self.present(b)[pos_ids]]
+                    both = batch_items[self.present(a)[item_ids] & self.present(b)[item_ids]]
                     if len(both) > 1:
                         inter = inter + info_nce(views[a].general[both], views[b].general[both], cfg.inter_modal_temp)
                     inter = inter + info_nce(at_users(views[a].user_general), at_users(views[b].user_general),
@@ -468,21 +499,31 @@ class DGMRec(Recommender):
         if cfg.sampler:       # CLUB, Eq. 7 (estimator evaluated only)
             with term("club"):
                 parts["club"] = cfg.sampler * sum(
-                    self.club[m](at_pos(v.item_specific), at_pos(v.item_general), generator) for m, v in views.items())
+                    self.club[m](*((v.item_specific, v.item_general) if cfg.club_items == "all"    # every row of reps
+                                   else (at_pos(v.item_specific), at_pos(v.item_general))), generator)
+                    for m, v in views.items())
         if cfg.recon:         # Eq. 10–11 over the items reps covers; decoder input detached
             with term("recon"):
                 parts["recon"] = cfg.recon * sum(
-                    F.mse_loss(self.decoders[m](perturb(v.item_general.detach(), cfg.perturb_eps, generator),
-                                                perturb(v.item_specific.detach(), cfg.perturb_eps, generator)),
+                    F.mse_loss(self.decoders[m](*self._perturbed([v.item_general.detach(), v.item_specific.detach()],
+                                                                 generator)),
                                self.raw[m] if reps.item_raw is None else reps.item_raw[m])
                     for m, v in views.items())
         if cfg.additive:      # Eq. 12–14 on in-batch items that have the modality
             with term("gen"):
-                parts["gen"] = cfg.additive * self._generation_loss(views, unique_pos, reps.global_items(unique_pos),
+                parts["gen"] = cfg.additive * self._generation_loss(views, batch_items, reps.global_items(batch_items),
                                                                     generator)
         total = sum(parts.values())
         with term("host_sync"):
             return total, scalar_parts(parts)
+
+    def _perturbed(self, parts: list[torch.Tensor], generator) -> list[torch.Tensor]:
+        """:func:`perturb` on each of ``parts`` ([n, w_i] each), or (``perturb_over: concat``, the release) on
+        their concatenation, so the noise of a row has norm ``perturb_eps`` over all parts together."""
+        eps = self.config.perturb_eps
+        if self.config.perturb_over == "parts":
+            return [perturb(p, eps, generator) for p in parts]
+        return list(perturb(torch.cat(parts, dim=1), eps, generator).split([p.shape[1] for p in parts], dim=1))
 
     def _generation_loss(self, views, items, item_ids, generator):
         """Eq. 12–14 on the item rows ``items`` [n] (global ids ``item_ids`` [n])."""
@@ -500,7 +541,7 @@ class DGMRec(Recommender):
                     keep = keep & self.present(o)[item_ids]
                 full = items[keep]
                 if len(full):
-                    source = torch.cat([perturb(views[o].item_general[full], eps, generator) for o in others], 1)
+                    source = torch.cat(self._perturbed([views[o].item_general[full] for o in others], generator), 1)
                     loss = loss + F.mse_loss(self.general_generators[m](source), v.item_general[full])
         return loss
 
@@ -526,10 +567,11 @@ class DGMRec(Recommender):
                            chunk: int = DECODE_CHUNK) -> dict[str, torch.Tensor]:
         """Generated raw features X̂_m of the items ``rows[m]`` (Eq. 12–15), written nowhere.
 
-        General features come from the other modalities' ḡ through G^g_m (Eq. 12), specific ones from the
-        item preference through G^s_m (Eq. 13); both are propagated on S^m, perturbed and decoded (Eq. 15).
-        With one modality the general part is the modality's own ḡ. Decoding runs ``chunk`` rows at a time
-        (the noise is drawn for all rows first, so the result does not depend on ``chunk``).
+        General features come from the other modalities' ḡ through G^g_m (Eq. 12; ``generation_input:
+        encoder``, the release: their encoder outputs E^g), specific ones from the item preference through
+        G^s_m (Eq. 13); both are propagated on S^m, perturbed and decoded (Eq. 15). With one modality the
+        general part is the modality's own ḡ (or E^g). Decoding runs ``chunk`` rows at a time (the noise is
+        drawn for all rows first, so the result does not depend on ``chunk``).
 
         Returns:
             modality → float32 ``[len(rows[m]), d_m]``.
@@ -546,15 +588,16 @@ class DGMRec(Recommender):
         for m, ids in rows.items():
             v = reps.modalities[m]
             others = [o for o in self.modalities if o != m]
+            # the translators read ḡ (filtered, propagated) or, as the release does, E^g (encoder output)
+            source = "item_general" if cfg.generation_input == "propagated" else "general"
             if others:
-                general = self.general_generators[m](torch.cat([reps.modalities[o].item_general for o in others], 1))
+                general = self.general_generators[m](torch.cat([getattr(reps.modalities[o], source) for o in others], 1))
             else:
-                general = v.item_general
+                general = getattr(v, source)
             specific = self.specific_generators[m](v.preference)
             h = propagate_modality(g, m, torch.cat([general, specific], dim=1), cfg.n_mm_layers)
             gen_hat, spec_hat = h[ids].chunk(2, dim=1)
-            gen_hat = perturb(gen_hat, cfg.perturb_eps, generator)     # [len(ids), d]: small, drawn whole
-            spec_hat = perturb(spec_hat, cfg.perturb_eps, generator)
+            gen_hat, spec_hat = self._perturbed([gen_hat, spec_hat], generator)   # [len(ids), d]: small, drawn whole
             for start in range(0, max(len(ids), 1), chunk):
                 yield m, start, self.decoders[m](gen_hat[start:start + chunk], spec_hat[start:start + chunk])
 
