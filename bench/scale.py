@@ -17,8 +17,8 @@ that size. Stages, in the order they execute in the second process:
    imputation) and the masking/imputation (``Dataset.with_mask``).
 3. ``knn``: the initial kNN graphs of every modality exactly as ``DGMRec.from_dataset`` builds them
    (``normalize_knn(build_knn(features, k=10, present, index="auto"))``; FAISS IVF above 20,000 items).
-   ``from_dataset`` then reuses these graphs (its ``build_knn`` is temporarily pointed at them), so the
-   rest of the model construction is timed separately (``dgmrec_epoch`` details, ``model_init_s``). The
+   ``from_dataset`` then reuses these graphs (its ``modality_knn_graphs`` is temporarily pointed at them), so
+   the rest of the model construction is timed separately (``dgmrec_epoch`` details, ``model_init_s``). The
    graphs are built on the features as loaded (the 256-d PCA image where the image is reduced).
 4. ``lightgcn_epoch`` and ``dgmrec_epoch``: one training epoch the way :func:`dgmrec_dgl.train.train` runs
    it: ``build_model``, ``make_graph``, the trainer's optimiser, BPR triples from the Numba sampler, and the
@@ -45,9 +45,10 @@ that size. Stages, in the order they execute in the second process:
    (:func:`dgmrec_dgl.train.evaluate_model`, test split, 256 MB score chunks). A sample of
    ``--eval-sample`` test users is always run first; if the projected full pass is longer than
    ``--eval-budget`` seconds the full pass is **extrapolated** from it: ``seconds = forward pass +
-   fixed set-up + (loop seconds of the sample) x (test users / sampled users)`` (the set-up, building the
-   seen/truth matrices, is the time until the first chunk is scored), else the full pass is run and
-   measured.
+   (ranking seconds of the sample) x (test users / sampled users)``, else the full pass is run and
+   measured. From 100,000 items the ranking skips the items no user can rank
+   (:class:`dgmrec_dgl.evaluate.InnerProductRanker`, exact); ``scored_share`` records the share of user-item
+   scores it computed.
 7. Peak RSS: a background thread samples the process's RSS every 50 ms; ``peak_rss_gb`` is the largest
    sample during the stage (the process total, including what earlier stages left allocated, see
    ``rss_start_gb``); ``hwm_rss_gb`` is the kernel's high-water mark (``ru_maxrss``) at the stage's end.
@@ -595,31 +596,25 @@ def _evaluate(model, g, dataset, config, spec: dict, rec: dict) -> None:
     n_sample = min(spec["eval_sample"], test_users.size)
     sample = np.sort(np.random.default_rng(spec["seed"]).choice(test_users, size=n_sample, replace=False))
     sub = dataclasses.replace(dataset, test=dataset.test[np.isin(dataset.test[:, 0], sample)])
-    # evaluate_model's body, with the forward pass, the set-up and the user loop timed apart
+    # evaluate_model's body, with the forward pass and the ranking (set-up and user loop) timed apart; the
+    # ranking's set-up (from PRUNE_MIN_ITEMS items: sorting the items by norm) is scaled with the loop, which
+    # over-projects it a little
     model.eval()
-    first_call: list[float] = []
     with torch.no_grad():
         t0, c0 = time.perf_counter(), cpu_seconds()
         user, item = model.fused(model(g_score))
         t1, c1 = time.perf_counter(), cpu_seconds()
-
-        def score(users):
-            if not first_call:
-                first_call.extend((time.perf_counter(), cpu_seconds()))
-            return user[users] @ item.T
-
-        metrics = evaluate(score, sub, "test", config.eval.ks, budget_bytes=config.eval.budget_mb << 20)
+        metrics = evaluate(None, sub, "test", config.eval.ks, budget_bytes=config.eval.budget_mb << 20,
+                           factors=(user, item))
         t2, c2 = time.perf_counter(), cpu_seconds()
     model.train()
-    forward_s, setup_s, loop_s = t1 - t0, first_call[0] - t1, t2 - first_call[0]
+    forward_s, loop_s = t1 - t0, t2 - t1
     scale = test_users.size / n_sample
-    projected = forward_s + setup_s + loop_s * scale
-    projected_cpu = (c1 - c0) + (first_call[1] - c1) + (c2 - first_call[1]) * scale
+    projected = forward_s + loop_s * scale
+    projected_cpu = (c1 - c0) + (c2 - c1) * scale
     rec.update(n_test_users=int(test_users.size), sample_users=int(n_sample), sample_forward_s=forward_s,
-               sample_setup_s=setup_s, sample_loop_s=loop_s, sample_loop_cpu_s=c2 - first_call[1],
-               projected_s=projected, projected_cpu_s=projected_cpu,
-               sample_recall_at_20=metrics.get("recall@20"), chunk_users=max(1, min(4096, (config.eval.budget_mb << 20)
-                                                                                     // (4 * dataset.n_items))))
+               sample_loop_s=loop_s, sample_loop_cpu_s=c2 - c1, projected_s=projected, projected_cpu_s=projected_cpu,
+               sample_recall_at_20=metrics.get("recall@20"), scored_share=metrics.get("scored_share", 1.0))
     if projected <= spec["eval_budget"]:
         t, c = time.perf_counter(), cpu_seconds()
         metrics = evaluate_model(model, g_score, dataset, "test", config)
@@ -629,7 +624,7 @@ def _evaluate(model, g, dataset, config, spec: dict, rec: dict) -> None:
     else:
         rec["seconds"], rec["cpu_seconds"] = projected, projected_cpu
         rec["kind"] = "extrapolated"
-        rec["formula"] = ("sample_forward_s + sample_setup_s + sample_loop_s x n_test_users / sample_users "
+        rec["formula"] = ("sample_forward_s + sample_loop_s x n_test_users / sample_users "
                           "(the same with CPU seconds)")
 
 
@@ -716,20 +711,19 @@ def worker_pipeline(spec: dict) -> None:
     est = estimate_gb("dgmrec_epoch", shape, dims, mode)
     model = g = None
     if "dgmrec_epoch" in stages and rec.check("dgmrec_epoch", est):
-        def cached_build_knn(features, k, present, **kwargs):
-            m = next(m for m in dataset.modalities if dataset.features[m] is features)
-            if k != mcfg.knn_k or kwargs.get("index") != mcfg.knn_index:
-                raise RuntimeError("DGMRec.from_dataset's build_knn call changed; update bench/scale.py")
-            return raw_graphs[m]
+        def cached_knn_graphs(features, present, k, **kwargs):
+            if k != mcfg.knn_k or kwargs.get("index") != mcfg.knn_index or list(features) != list(raw_graphs):
+                raise RuntimeError("DGMRec.from_dataset's modality_knn_graphs call changed; update bench/scale.py")
+            return {m: normalize_knn(raw_graphs[m]) for m in features}
 
         with rec.stage("dgmrec_epoch", est) as r:
             t = time.perf_counter()
-            original = dgmrec_module.build_knn
-            dgmrec_module.build_knn = cached_build_knn
+            original = dgmrec_module.modality_knn_graphs
+            dgmrec_module.modality_knn_graphs = cached_knn_graphs
             try:
                 model = build_model(dg_config, dataset)
             finally:
-                dgmrec_module.build_knn = original
+                dgmrec_module.modality_knn_graphs = original
             r["model_init_s"] = time.perf_counter() - t
             dataset = dataset.without_features()   # as dgmrec_dgl.train does: the model holds its copies
             r["mode"] = _mode(model)

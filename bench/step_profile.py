@@ -25,6 +25,12 @@ batch_forward(...))``, ``backward``, ``optimizer.step``. The first ``--warmup`` 
 
 Every figure is the median over the timed steps, in seconds (``per_step`` in the JSON keeps each profiled
 step's); shares are of the profiled step's median.
+
+**GEMM floor.** The profiler also counts the FLOPs of each term's dense matrix products (``aten::mm`` and
+kin, forward and backward; sparse propagation and elementwise work are not counted). Divided by the fastest
+fp32 product rate measured on the same threads right after the steps (:func:`gemm_rate`: the InfoNCE
+shapes and a 1024³ product), that is the time no implementation of the same maths could beat on this CPU
+in fp32: ``gemm_floor`` per term, and ``x floor`` in the table says how far the term is from it.
 The profiler adds a little per op, so the profiled step is somewhat longer than the unprofiled one
 (both are reported). Per-epoch work (CLUB steps, generation, refinement) is not part of a step.
 
@@ -75,6 +81,8 @@ PHASES = ("zero_grad", "forward", "backward", "optimizer")
 PREFIX = "dgmrec."
 EVALUATE = "autograd::engine::evaluate_function: "
 QUICK = {"datasets": "tiktok", "steps": 5, "warmup": 2}
+#: the dense matrix products whose FLOPs the profiler counts (aten::matmul and linear dispatch to these)
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
 # ---------------------------------------------------------------------- the step
@@ -107,19 +115,25 @@ def _ancestors(event):
         event = event.cpu_parent
 
 
-def attribute(events) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
-    """One profiled step's events → (forward seconds per term, backward seconds per term, phase seconds).
+def attribute(events) -> tuple[dict, dict, dict, dict]:
+    """One profiled step's events → (forward seconds per term, backward seconds per term, phase seconds,
+    dense matrix-product FLOPs per term: ``{"forward": {term: flops}, "backward": {term: flops}}``).
 
     Forward: the summed length of each term's ranges, ``other`` the rest of ``step.forward``. Backward:
     each top-level autograd node's time goes to the term whose range held the forward op of the same
-    sequence number; ``other`` is the rest of ``step.backward``.
+    sequence number; ``other`` is the rest of ``step.backward``. FLOPs: the profiler's count (``with_flops``)
+    of every :data:`GEMM_OPS` op, forward ones by the range they ran in, backward ones by their node's term.
     """
     fwd = dict.fromkeys(TERMS, 0.0)
     bwd = dict.fromkeys(TERMS, 0.0)
+    flops = {"forward": dict.fromkeys((*TERMS, "other"), 0.0), "backward": dict.fromkeys((*TERMS, "other"), 0.0)}
     phases = dict.fromkeys(PHASES, 0.0)
     owner: dict[int, str] = {}              # forward sequence number → term
     nodes = []
+    products = []
     for e in events:
+        if e.name in GEMM_OPS and getattr(e, "flops", 0):
+            products.append(e)
         if e.name.startswith("step.") and e.name[5:] in phases:
             phases[e.name[5:]] += e.cpu_time_total * 1e-6
         elif e.name.startswith(PREFIX):
@@ -146,9 +160,17 @@ def attribute(events) -> tuple[dict[str, float], dict[str, float], dict[str, flo
         term = owner.get(e.sequence_nr, "other")
         if term != "other":
             bwd[term] += e.cpu_time_total * 1e-6
+    for e in products:
+        chain = list(_ancestors(e.cpu_parent))
+        node = next((a for a in reversed(chain) if a.name.startswith(EVALUATE)), None)
+        if node is not None:
+            flops["backward"][owner.get(node.sequence_nr, "other")] += float(e.flops)
+        else:
+            term = next((a.name[len(PREFIX):] for a in chain if a.name.startswith(PREFIX)), "other")
+            flops["forward"][term] += float(e.flops)
     fwd["other"] = phases["forward"] - sum(fwd.values())
     bwd["other"] = phases["backward"] - sum(bwd.values())
-    return fwd, bwd, phases
+    return fwd, bwd, phases, flops
 
 
 def median_dict(rows: list[dict]) -> dict[str, float]:
@@ -207,7 +229,7 @@ def profile_run(config, model, g, triples, threads: int, steps: int, warmup: int
             yield from epoch_batches(model, g, triples, config.train.batch_size, config.train.seed, epoch)
             epoch += 1
 
-    plain, fwd, bwd, profiled = [], [], [], []
+    plain, fwd, bwd, profiled, flops = [], [], [], [], []
     for k, batch in zip(range(n_steps), batches()):
         if k < warmup:
             step(model, g, batch, optimizer, generator)
@@ -217,16 +239,44 @@ def profile_run(config, model, g, triples, threads: int, steps: int, warmup: int
             plain.append(dict(phases, step=sum(phases.values())))
         else:
             phases = {}
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
                 step(model, g, batch, optimizer, generator, phases)
-            f, b, _ = attribute(prof.events())
+            f, b, _, fl = attribute(prof.events())
             fwd.append(f)
             bwd.append(b)
+            flops.append(fl)
             profiled.append(dict(phases, step=sum(phases.values())))
+    rate = gemm_rate(config.train.batch_size, config.model.embedding_dim)
+    gemm_fwd, gemm_bwd = median_dict([f["forward"] for f in flops]), median_dict([f["backward"] for f in flops])
+    gemm = {t: gemm_fwd[t] + gemm_bwd[t] for t in gemm_fwd}
     return {"threads": threads, "torch_threads": torch.get_num_threads(), "steps": steps, "warmup": warmup,
             "plain": median_dict(plain), "profiled": median_dict(profiled),
             "forward": median_dict(fwd), "backward": median_dict(bwd),
+            "gemm_flops": gemm, "gemm_flops_backward": gemm_bwd, "gemm_rate": rate,
+            "gemm_floor": {t: v / rate["best_flops_per_s"] for t, v in gemm.items()},
             "per_step": [{"phases": ph, "forward": f, "backward": b} for ph, f, b in zip(profiled, fwd, bwd)]}
+
+
+def gemm_rate(batch: int, dim: int, repeats: int = 7) -> dict:
+    """This machine's fp32 matrix-product speed on the current threads: FLOP/s (median of ``repeats``) of the
+    in-batch InfoNCE shapes, ``[B, d] @ [d, B]`` (logits) and ``[B, B] @ [B, d]`` (their backward), and of a
+    1024³ product; ``best_flops_per_s`` is the fastest, the rate a term's products could at best reach."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"logits": (batch, dim, batch), "logits_backward": (batch, batch, dim), "square_1024": (1024, 1024, 1024)}
+    out = {}
+    for name, (m, k, n) in shapes.items():
+        a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+        torch.mm(a, b)                                   # warm-up: first-call allocation and dispatch
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t)
+        out[name] = 2.0 * m * k * n / statistics.median(times)
+    out["best_flops_per_s"] = max(out.values())
+    return out
 
 
 # ---------------------------------------------------------------------- report
@@ -236,18 +286,23 @@ def table(run: dict) -> str:
     lines = [f"{run['dataset']}, {run['threads']} thread(s): step {run['plain']['step']:.4f} s "
              f"(profiled {step_s:.4f} s; forward {run['profiled']['forward']:.4f}, backward "
              f"{run['profiled']['backward']:.4f}, optimizer {run['profiled']['optimizer']:.4f}), "
-             f"median of {run['steps']}",
-             f"  {'term':<22}{'forward s':>11}{'backward s':>12}{'total s':>10}{'share':>8}"]
+             f"median of {run['steps']}; GEMM floor at {run['gemm_rate']['best_flops_per_s'] / 1e9:.1f} GFLOP/s",
+             f"  {'term':<22}{'forward s':>11}{'backward s':>12}{'total s':>10}{'share':>8}{'GEMM floor s':>14}"
+             f"{'x floor':>9}"]
     rows = [(t, run["forward"][t], run["backward"][t]) for t in (*TERMS, "other")]
     rows += [("zero_grad", 0.0, 0.0), ("optimizer", 0.0, 0.0)]
     for name, f, b in rows:
         if name in ("zero_grad", "optimizer"):
             f = run["profiled"][name]
         total = f + b
-        lines.append(f"  {name:<22}{f:>11.4f}{b:>12.4f}{total:>10.4f}{total / step_s:>8.1%}")
+        floor = run["gemm_floor"].get(name, 0.0)
+        ratio = f"{total / floor:>9.1f}" if floor > 0 else f"{'-':>9}"
+        lines.append(f"  {name:<22}{f:>11.4f}{b:>12.4f}{total:>10.4f}{total / step_s:>8.1%}{floor:>14.4f}{ratio}")
     f_sum, b_sum = sum(run["forward"].values()), sum(run["backward"].values())
     total = f_sum + b_sum + run["profiled"]["zero_grad"] + run["profiled"]["optimizer"]
-    lines.append(f"  {'sum':<22}{f_sum:>11.4f}{b_sum:>12.4f}{total:>10.4f}{total / step_s:>8.1%}")
+    floor = sum(run["gemm_floor"].values())
+    lines.append(f"  {'sum':<22}{f_sum:>11.4f}{b_sum:>12.4f}{total:>10.4f}{total / step_s:>8.1%}{floor:>14.4f}"
+                 f"{total / floor if floor > 0 else 0:>9.1f}")
     return "\n".join(lines)
 
 

@@ -102,6 +102,19 @@ def _cmd_mask(args) -> int:
     return 0
 
 
+def _cmd_partition(args) -> int:
+    from .graphs.partition import format_summary, partition_dataset
+
+    dataset = _load(args, mask=args.mask)
+    summary = partition_dataset(dataset, args.out, args.parts, method=args.method, knn_k=args.knn_k,
+                                knn_index=args.knn_index, seed=args.seed, name=args.name, mask=args.mask,
+                                overwrite=args.overwrite, progress=not args.quiet)
+    print(format_summary(summary))
+    print(f"wrote {os.path.join(args.out, summary['part_config'])} (DistGraph {summary['graph_name']!r}, "
+          f"{summary['num_parts']} parts, {summary['method']}) and {os.path.join(args.out, 'partition_summary.json')}")
+    return 0
+
+
 # ---------------------------------------------------------------------- model commands
 def _metrics_table(rows: dict[str, dict[str, float]], ks=(10, 20, 50)) -> str:
     names = [f"{m}@{k}" for m in ("recall", "ndcg") for k in ks]
@@ -375,6 +388,33 @@ def build_parser() -> argparse.ArgumentParser:
     mask.add_argument("--modalities", help="e.g. image,text (default: the dataset's feature files)")
     mask.add_argument("--out", type=arguments.folder, help="folder for the masks (default DIR)")
     mask.set_defaults(run=_cmd_mask)
+
+    from .config import DGMRecConfig
+
+    part = commands.add_parser(
+        "partition", help="split a dataset's user-item-kNN graph into DistDGL partitions (dgl.distributed)",
+        description="Build the heterograph the models train on (train interactions, one kNN relation per "
+        "modality, raw modality rows and missing masks as item data) and write it as N DistDGL partitions "
+        "with dgl.distributed.partition_graph, train edges balanced across the parts. Prints and writes "
+        "(DIR/partition_summary.json) what each part holds.")
+    dataset_args(part)
+    part.add_argument("--parts", type=arguments.count, required=True, help="number of partitions (>= 1)")
+    part.add_argument("--out", type=arguments.folder, required=True, help="output folder (new or empty)")
+    part.add_argument("--method", choices=("metis", "random"), default="metis",
+                      help="node assignment: METIS (small edge cut; default) or uniformly random")
+    part.add_argument("--mask", help="missing-modality mask (.npz; pickled .npy needs --allow-pickle)")
+    part.add_argument("--imputation", default="mean", choices=("mean", "zero", "nn"),
+                      help="fill of missing feature rows (default mean, as the reference)")
+    part.add_argument("--knn-k", type=arguments.count, default=DGMRecConfig.knn_k,
+                      help=f"neighbours per kNN row (model.knn_k; default {DGMRecConfig.knn_k})")
+    part.add_argument("--knn-index", choices=("auto", "exact", "ivf", "hnsw"), default=DGMRecConfig.knn_index,
+                      help="FAISS index of the kNN graphs (model.knn_index; default auto)")
+    part.add_argument("--seed", type=arguments.seed, default=0, help="seeds the kNN index and --method random")
+    part.add_argument("--name", help="graph name DistGraph opens (default: the dataset's name)")
+    part.add_argument("--overwrite", action="store_true",
+                      help="replace the partition in --out (only the files it wrote)")
+    part.add_argument("--quiet", action="store_true", help="no progress lines")
+    part.set_defaults(run=_cmd_partition)
 
     tr = commands.add_parser("train", help="train DGMRec and write a run folder")
     tr.add_argument("--config", required=True, help="YAML config, e.g. configs/dgmrec/demo.yaml")

@@ -83,18 +83,87 @@ def top_k_columns(scores: torch.Tensor, k: int, block: int = 64) -> torch.Tensor
     return cols.gather(1, torch.topk(candidates, k, dim=1).indices)
 
 
+class InnerProductRanker:
+    """Exact top-k of inner-product scores ``user @ item.T`` that skips the items no user can rank.
+
+    Every model here scores by an inner product of a user row and an item row, so a score is at most
+    ``‖u‖·‖i‖`` (Cauchy–Schwarz). The items are taken in order of decreasing norm, in blocks; a user whose
+    k-th best score so far is at least ``‖u‖ ×`` the largest norm left can gain nothing from the rest of the
+    catalog and leaves the loop. The lists are those of scoring every item (up to the order of equal
+    scores); the work follows the items users still need, not the catalog: at 200,000 items, most users stop
+    within the first blocks (see ``bench/scale.py``'s evaluate rows).
+
+    Args:
+        item: ``[n_items, d]`` item rows.
+        block: items per block (the score chunk is ``users × block`` floats).
+    """
+
+    def __init__(self, item: torch.Tensor, block: int = 32_768):
+        norms = item.norm(dim=1)
+        self.order = torch.argsort(norms, descending=True, stable=True)        # rank -> item id
+        self.rank = torch.empty_like(self.order)
+        self.rank[self.order] = torch.arange(len(self.order))                   # item id -> rank
+        self.item = item[self.order].contiguous()
+        self.norms = norms[self.order]
+        self.block = block
+        self.scored = 0                 # (user, item) scores computed, for the record
+
+    def top_k(self, user: torch.Tensor, k: int, seen: sp.csr_matrix) -> torch.Tensor:
+        """Item ids ``[B, k]`` of each row of ``user`` ``[B, d]``, best first, never an item of ``seen``
+        (CSR ``[B, n_items]``, the masked items of each row). Needs ``k`` unmasked items per row."""
+        n_users, n_items = len(user), len(self.order)
+        rows = np.repeat(np.arange(n_users), np.diff(seen.indptr))
+        ranks = self.rank[torch.from_numpy(seen.indices.astype(np.int64))]
+        by_rank = torch.argsort(ranks, stable=True)
+        rows, ranks = torch.from_numpy(rows)[by_rank], ranks[by_rank]
+        values = torch.full((n_users, k), -torch.inf)
+        slots = torch.zeros((n_users, k), dtype=torch.int64)
+        user_norm = user.norm(dim=1)
+        for start in range(0, n_items, self.block):
+            stop = min(start + self.block, n_items)
+            active = torch.nonzero(values[:, -1] < user_norm * self.norms[start]).flatten()
+            if not len(active):
+                break
+            scores = user[active] @ self.item[start:stop].T                          # [A, block]
+            self.scored += scores.numel()
+            lo, hi = torch.searchsorted(ranks, torch.tensor([start, stop]))
+            if hi > lo:                     # this block's masked entries of the active users
+                position = torch.full((n_users,), -1, dtype=torch.int64)
+                position[active] = torch.arange(len(active))
+                r, c = position[rows[lo:hi]], ranks[lo:hi] - start
+                keep = r >= 0
+                scores[r[keep], c[keep]] = -torch.inf
+            merged = torch.cat([values[active], scores], dim=1)
+            top = torch.topk(merged, k, dim=1)
+            candidates = torch.cat([slots[active], torch.arange(start, stop).expand(len(active), -1)], dim=1)
+            values[active] = top.values
+            slots[active] = candidates.gather(1, top.indices)
+        return self.order[slots]
+
+
 def _chunk_size(n_items: int, budget_bytes: int) -> int:
     return int(max(1, min(4096, budget_bytes // (4 * max(n_items, 1)))))
 
 
+#: ``evaluate(factors=...)`` ranks with :class:`InnerProductRanker` from this many items on; below, scoring
+#: every item is as fast and the lists are bit-for-bit the earlier ones.
+PRUNE_MIN_ITEMS = 100_000
+#: items per block of :class:`InnerProductRanker` in ``evaluate`` (users per chunk: the budget over this)
+PRUNE_BLOCK = 32_768
+
+
 @torch.no_grad()
-def evaluate(score_fn: ScoreFn, dataset: Dataset, split: str = "test", ks: Sequence[int] = KS,
+def evaluate(score_fn: ScoreFn | None, dataset: Dataset, split: str = "test", ks: Sequence[int] = KS,
              *, budget_bytes: int = 256 << 20, item_groups: np.ndarray | None = None, user_sample: int = 0,
-             seed: int = 0, progress: bool = False) -> dict[str, float]:
+             seed: int = 0, progress: bool = False,
+             factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
     """Full-ranking Recall@K / NDCG@K on ``split`` (``valid`` or ``test``).
 
     Args:
-        score_fn: maps a LongTensor of user ids ``[B]`` to scores ``[B, n_items]``.
+        score_fn: maps a LongTensor of user ids ``[B]`` to scores ``[B, n_items]``; or None with ``factors``.
+        factors: ``(user [n_users, d], item [n_items, d])`` when the scores are ``user @ item.T``; from
+            :data:`PRUNE_MIN_ITEMS` items on the lists come from :class:`InnerProductRanker` (the same lists,
+            without scoring the items no user can rank).
         dataset: the dataset (train items masked; at test time valid items masked too).
         split: ``valid`` or ``test``.
         ks: cut-offs (10, 20, 50 by default).
@@ -127,16 +196,25 @@ def evaluate(score_fn: ScoreFn, dataset: Dataset, split: str = "test", ks: Seque
             group_truth[int(g)].eliminate_zeros()
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
-    step = _chunk_size(n_items, budget_bytes)
+    ranker = None
+    if factors is not None:
+        if n_items >= PRUNE_MIN_ITEMS:
+            ranker = InnerProductRanker(factors[1].float(), block=PRUNE_BLOCK)
+        else:
+            score_fn = (lambda user, item: lambda ids: user[ids] @ item.T)(*factors)
+    step = max(1, budget_bytes // (4 * ranker.block)) if ranker else _chunk_size(n_items, budget_bytes)
     starts = range(0, len(users), step)
     for start in tqdm(starts, desc=f"evaluate {split}", unit="chunk", leave=False,
                       disable=not progress or len(starts) < PROGRESS_MIN_CHUNKS):
         batch = users[start:start + step]
-        scores = score_fn(torch.from_numpy(batch)).float()
         rows = seen[batch]
-        r_idx = np.repeat(np.arange(len(batch)), np.diff(rows.indptr))
-        scores[torch.from_numpy(r_idx), torch.from_numpy(rows.indices.astype(np.int64))] = -torch.inf
-        top = top_k_columns(scores, k_max).numpy()
+        if ranker is not None:
+            top = ranker.top_k(factors[0][torch.from_numpy(batch)].float(), k_max, rows).numpy()
+        else:
+            scores = score_fn(torch.from_numpy(batch)).float()
+            r_idx = np.repeat(np.arange(len(batch)), np.diff(rows.indptr))
+            scores[torch.from_numpy(r_idx), torch.from_numpy(rows.indices.astype(np.int64))] = -torch.inf
+            top = top_k_columns(scores, k_max).numpy()
         _accumulate(sums, counts, ranking_metrics(top, truth, batch, ks), "")
         for g, g_truth in group_truth.items():
             has = np.diff(g_truth.indptr)[batch] > 0
@@ -144,6 +222,8 @@ def evaluate(score_fn: ScoreFn, dataset: Dataset, split: str = "test", ks: Seque
                 _accumulate(sums, counts, ranking_metrics(top[has], g_truth, batch[has], ks), f"/group={g}")
     result = {name: sums[name] / counts[name] for name in sums}
     result["n_users"] = float(len(users))
+    if ranker is not None:
+        result["scored_share"] = ranker.scored / (len(users) * n_items)
     return result
 
 

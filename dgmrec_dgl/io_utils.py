@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 
@@ -33,6 +34,38 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike, replace: list[str] | tuple[str, ...] = ()):
+    """Yield a temporary folder beside ``path`` to fill; on success move what it holds into ``path``.
+
+    A new ``path`` is the temporary folder renamed (all or nothing). An existing ``path`` first loses the
+    entries named in ``replace`` (what an earlier write put there), then gets each entry renamed into it;
+    other entries are kept. On failure the temporary folder is deleted and ``path`` is untouched. The
+    folder gets the mode ``os.makedirs`` would give (``mkdtemp`` makes 0700).
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent)
+    try:
+        os.chmod(tmp, 0o777 & ~_current_umask())
+        yield tmp
+        if not os.path.exists(path):
+            os.replace(tmp, path)
+            return
+        for entry in replace:
+            old = os.path.join(path, entry)
+            if os.path.isdir(old) and not os.path.islink(old):
+                shutil.rmtree(old)
+            elif os.path.lexists(old):
+                os.unlink(old)
+        for entry in sorted(os.listdir(tmp)):
+            os.replace(os.path.join(tmp, entry), os.path.join(path, entry))
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
 
 
 def stale_temporaries(folder: str | os.PathLike) -> list[str]:

@@ -584,7 +584,7 @@ def evaluate_model(model: Recommender, g, dataset: Dataset, split: str, config: 
     model.eval()
     with torch.no_grad():
         user, item = model.fused(model(g))
-        result = evaluate(lambda users: user[users] @ item.T, dataset, split, config.eval.ks,
+        result = evaluate(None, dataset, split, config.eval.ks, factors=(user, item),
                           budget_bytes=config.eval.budget_mb << 20, item_groups=groups,
                           user_sample=user_sample, seed=config.train.seed, progress=progress)
     model.train()

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dgmrec_dgl.data.dataset import Dataset
-from dgmrec_dgl.evaluate import evaluate, pairs_to_csr, ranking_metrics
+from dgmrec_dgl import evaluate as evaluate_module
+from dgmrec_dgl.evaluate import InnerProductRanker, evaluate, pairs_to_csr, ranking_metrics
 
 
 def brute_force(ranked, truth_set, k):
@@ -87,3 +88,45 @@ def test_oracle_scores_give_perfect_recall_and_group_breakdown():
     assert got["recall@10/group=0"] == 1.0 and got["recall@10/group=1"] == 1.0
     worst = evaluate(lambda u: -oracle[u].clone(), ds, "valid", ks=(10,))
     assert worst["recall@10"] < 1.0
+
+
+def _skewed_factors(rng, n_users, n_items, d=8):
+    """Item rows whose norms fall off like popularity (a few long rows), as trained embeddings' do."""
+    item = rng.normal(size=(n_items, d)) * (1.0 / (1.0 + np.arange(n_items)) ** 0.7)[rng.permutation(n_items), None]
+    user = rng.normal(size=(n_users, d))
+    return torch.from_numpy(user.astype(np.float32)), torch.from_numpy(item.astype(np.float32))
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10**6), k=st.sampled_from([1, 5, 20]), block=st.sampled_from([3, 16, 1000]),
+       d=st.sampled_from([2, 8]))
+def test_inner_product_ranker_gives_the_brute_force_lists_and_skips_items(seed, k, block, d):
+    """In 2 dimensions many items point the users' way, so the norm bound is nearly tight there: a bound
+    taken one item too low (e.g. the block's last norm instead of its first) changes the lists."""
+    rng = np.random.default_rng(seed)
+    n_users, n_items = 40, 300
+    user, item = _skewed_factors(rng, n_users, n_items, d)
+    seen = pairs_to_csr(np.array([(u, i) for u in range(n_users)
+                                  for i in rng.choice(n_items, size=rng.integers(0, 30), replace=False)],
+                                 dtype=np.int64).reshape(-1, 2), n_users, n_items)
+    ranker = InnerProductRanker(item, block=block)
+    got = ranker.top_k(user, k, seen).numpy()
+    scores = (user @ item.T).numpy()
+    scores[np.repeat(np.arange(n_users), np.diff(seen.indptr)), seen.indices] = -np.inf
+    want = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(got, want)
+    if block < n_items // 4 and d > 2:   # the long rows come first: most users stop well before the end
+        assert ranker.scored < (0.5 if k <= 5 else 0.85) * n_users * n_items, (k, ranker.scored)
+
+
+def test_evaluate_with_factors_ranks_as_scoring_every_item(monkeypatch):
+    rng = np.random.default_rng(3)
+    ds = make_dataset(rng, n_users=60, n_items=400)
+    user, item = _skewed_factors(rng, ds.n_users, ds.n_items)
+    plain = evaluate(lambda users: user[users] @ item.T, ds, "test", ks=(5, 10))
+    assert evaluate(None, ds, "test", ks=(5, 10), factors=(user, item)) == plain   # below PRUNE_MIN_ITEMS
+    monkeypatch.setattr(evaluate_module, "PRUNE_MIN_ITEMS", 0)
+    monkeypatch.setattr(evaluate_module, "PRUNE_BLOCK", 16)
+    pruned = evaluate(None, ds, "test", ks=(5, 10), factors=(user, item), budget_bytes=4 * 16 * 7)
+    assert 0 < pruned.pop("scored_share") < 1
+    assert pruned == plain

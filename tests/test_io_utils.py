@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
-from dgmrec_dgl.io_utils import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+from dgmrec_dgl.io_utils import atomic_folder, atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
 @pytest.fixture
@@ -38,3 +39,22 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
             raise RuntimeError("crash mid-write")
     assert target.read_text() == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+def test_a_folder_appears_whole_and_replaces_only_what_it_is_told(tmp_path, umask_022):
+    with atomic_folder(tmp_path / "new") as tmp:
+        (Path(tmp) / "a").write_text("1")
+        assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["a"]
+    assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o755
+    (tmp_path / "new" / "old").mkdir()
+    (tmp_path / "new" / "keep").write_text("k")
+    with atomic_folder(tmp_path / "new", replace=["old", "a"]) as tmp:
+        (Path(tmp) / "b").write_text("2")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["b", "keep"]
+    with pytest.raises(RuntimeError):
+        with atomic_folder(tmp_path / "new", replace=["b", "keep"]) as tmp:
+            (Path(tmp) / "c").write_text("3")
+            raise RuntimeError("crash mid-write")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["b", "keep"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]

@@ -49,6 +49,17 @@ def test_main_profiles_every_term(sp, work, tmp_path):
         assert sum(record["backward"][t] for t in sp.TERMS) <= phases["backward"] + 1e-4
         assert phases["step"] == pytest.approx(sum(phases[p] for p in sp.PHASES))
     assert run["plain"]["step"] > 0 and set(run["plain"]) == {*sp.PHASES, "step"}
+    # GEMM FLOPs land in the terms that multiply dense matrices, none in those that do not
+    flops = run["gemm_flops"]
+    assert all(flops[t] > 0 for t in ("encoders", "ui_align", "bm_align", "inter_modal", "club", "gen")), flops
+    assert flops["bpr"] == flops["reg"] == flops["host_sync"] == 0, flops
+    # an InfoNCE term's backward multiplies twice for its forward's once (logits w.r.t. both views)
+    backward = run["gemm_flops_backward"]
+    for t in ("ui_align", "bm_align", "inter_modal"):
+        assert backward[t] == pytest.approx(2 * (flops[t] - backward[t]), rel=0.01), (t, flops[t], backward[t])
+    rate = run["gemm_rate"]
+    assert rate["best_flops_per_s"] == max(v for k, v in rate.items() if k != "best_flops_per_s") > 0
+    assert run["gemm_floor"]["ui_align"] == pytest.approx(flops["ui_align"] / rate["best_flops_per_s"])
 
 
 def test_step_is_training_step(sp, work):

@@ -99,6 +99,7 @@ __all__ = [
     "KnnRows",
     "build_knn",
     "clustered_features",
+    "modality_knn_graphs",
     "normalize_knn",
     "query_rows",
 ]
@@ -629,6 +630,26 @@ def normalize_knn(g: KnnGraph) -> KnnGraph:
     degree = row_sums(g.indptr, g.weights)
     data = sym_normalize_rows(g.indptr, g.indices, g.weights, degree)
     return KnnGraph(g.indptr, g.indices, np.asarray(data, dtype=np.float32))
+
+
+def modality_knn_graphs(features: dict[str, np.ndarray], present: dict[str, np.ndarray], k: int, *,
+                        candidates: str = "present", index: str = "auto", seed: int = 0,
+                        progress: bool = False) -> dict[str, KnnGraph]:
+    """The normalised kNN graph (Eq. 4) of every modality: :func:`build_knn`, then :func:`normalize_knn`.
+
+    The one place DGMRec's initial graphs are built (the model and the partitioner both call it).
+
+    Args:
+        features: modality -> raw features [n_items, d_m].
+        present: modality -> bool [n_items] (True where the item has the modality).
+        k, candidates, index, seed, progress: as in :func:`build_knn`.
+
+    Returns:
+        modality -> :class:`KnnGraph` [n_items, n_items], in the order of ``features``.
+    """
+    return {m: normalize_knn(build_knn(x, k, present[m], candidates=candidates, index=index, seed=seed,
+                                       progress=progress))
+            for m, x in features.items()}
 
 
 # --------------------------------------------------------------------------------------------------

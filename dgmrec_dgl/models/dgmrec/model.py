@@ -38,7 +38,7 @@ from torch import nn
 from ...config import DGMRecConfig, drawn_fanouts, resolve_execution, resolve_fidelity
 from ...graphs.blocks import item_user_block, knn_blocks, src_ids
 from ...graphs.hetero import IU, UI, build_heterograph, mean_aggregate, replace_knn_relation
-from ...graphs.knn import KnnGraph, build_knn, normalize_knn
+from ...graphs.knn import KnnGraph, modality_knn_graphs
 from ...graphs.refine import refine_knn
 from ...graphs.sampling import sample_one_hop
 from ..base import Batch, Recommender, gather_rows, scalar_parts, sparse_rows
@@ -195,10 +195,8 @@ class DGMRec(Recommender):
         among all items, mean-imputed rows included, before the columns of missing items are dropped.
         """
         config = resolve_fidelity(config, config.fidelity, len(dataset.modalities))
-        knn = {m: normalize_knn(build_knn(dataset.features[m], config.knn_k, dataset.present[m],
-                                          candidates=config.knn_candidates, index=config.knn_index, seed=seed,
-                                          progress=False))
-               for m in dataset.modalities}
+        knn = modality_knn_graphs({m: dataset.features[m] for m in dataset.modalities}, dataset.present,
+                                  config.knn_k, candidates=config.knn_candidates, index=config.knn_index, seed=seed)
         targets = {}
         for m in dataset.modalities:
             if dataset.mask is None:
