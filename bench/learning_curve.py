@@ -15,7 +15,7 @@ modalities PCA-reduced to ``--reduce-dims`` (256). Config: ``configs/dgmrec/base
 Writes ``learning_curve.json``, ``.csv`` and ``.png`` (valid R@20 against cumulative wall-clock seconds,
 the popularity ranker as a line) to ``--out`` (``bench/results``) and the run folder to ``--run``.
 
-    python bench/scale.py --sizes 200000 --work /data/scale --stages generate --keep-data
+    python bench/scale.py --sizes 200000 --work /data/scale --stages generate --keep-data --out /data/scale/results
     python bench/learning_curve.py --data /data/scale/scale200000          # ~1.5 h on 2 cores
 """
 

@@ -106,7 +106,7 @@ growth exponents ``b`` (time ~ n^b) between sizes trained at the same widths. Da
     python bench/scale.py --quick                   # 50K only, sampled mode with histories, image PCA-256 (as at 1M)
     python bench/scale.py --sizes 200000            # one more size, added to the results
     python bench/scale.py --sizes 50000 --reduce always   # 50K with the image at 256 dims
-    python bench/scale.py --sizes 1000000 --work /data/scale --stages generate --keep-data   # data only
+    python bench/scale.py --sizes 1000000 --work /data/scale --stages generate --keep-data --out /data/scale/results  # data only
     python bench/scale.py --sizes 1000000 --work /data/scale --reuse-data --eval-sample 8192   # 6 min here
     python bench/scale.py --sizes 1000000 --work /data/scale --reuse-data --eval-sample 8192 --reduce always \
         --reduce-dims image=64,text=64 --stages knn,dgmrec_epoch,refine,evaluate               # 8 min here

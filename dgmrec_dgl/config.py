@@ -298,6 +298,7 @@ class CI2MGConfig:
     temperature: float = 1.0           # tau of Eq. 10
     task_activation: str = "none"      # sigma of Eq. 11: none (release) or sigmoid (paper)
     generated_for: str = "missing"     # items whose modality representation is the generated Z: missing|all
+    shared_norm: bool = False          # one BatchNorm for every modality's generator (Eq. 11), as the release
     cl_weight: float = 1.0             # lambda_1 (release lamb_1) on L_s
     rec_weight: float = 1.0            # weight of L_rec (fixed at 1 in the release)
     bpr_weight: float = 1.0            # release lamb_2 on L_BPR
@@ -476,6 +477,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "perturb_eps": WEIGHT,
         "club_hidden": at_least(1), "club_lr": POSITIVE, "club_steps": at_least(0), "club_batch": at_least(1),
         "generate": ANY, "generate_multi_missing": ANY, "score_with_refined_graph": ANY, "ot_delta": ANY,
+        "shared_norm": ANY,
         "refine_sources": one_of("present", "all"),       # graphs/refine.py
         # the release-vs-paper switches (FIDELITY): each one of its two values
         "fidelity": one_of(*FIDELITIES),

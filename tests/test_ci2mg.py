@@ -342,3 +342,28 @@ def test_ci2mg_trains_with_the_generic_trainer_and_resumes_exactly(tmp_path):
     resumed = train(config, str(tmp_path / "part"), resume=True, progress=False)
     assert (resumed["best_epoch"], resumed["valid"], resumed["test"]) == (result["best_epoch"], result["valid"],
                                                                        result["test"])
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_shared_norm_mixes_the_modalities_running_statistics(tiny_dir, shared):
+    """The release's one BatchNorm: a training forward updates its running mean once per modality in order,
+    so scoring normalises every modality with a blend of both; ``shared_norm=False``: one per modality."""
+    ds = _masked_tiny(tiny_dir)
+    model, g = _model(ds, shared_norm=shared)
+    norms = [model.generate[m].norm for m in model.modalities]
+    assert (norms[0] is norms[1]) == shared
+    model.train()
+    reps = model(g)
+    momentum = norms[0].momentum
+    expected, running = {}, torch.zeros(8)
+    for m in model.modalities:
+        v = reps.modalities[m]
+        with torch.no_grad():
+            mean = model.generate[m].linear(torch.cat([v.intra, v.inter], dim=1)).mean(dim=0)
+        running = (1 - momentum) * (running if shared else torch.zeros(8)) + momentum * mean
+        expected[m] = running
+    for m in model.modalities:
+        want = expected[model.modalities[-1]] if shared else expected[m]
+        torch.testing.assert_close(model.generate[m].norm.running_mean, want, atol=1e-6, rtol=1e-5)
+    assert sum(p.numel() for p in model.generate.parameters()) == \
+        sum(p.numel() for m in model.modalities for p in model.generate[m].linear.parameters()) + 16 * (1 if shared else 2)

@@ -10,7 +10,8 @@ The data flow for a batch, every step over the list of modalities:
 3. Eq. 3–5 (:mod:`.hypergraph`): Q_m = L sigmoid layers of the prototype hypergraph on F^{V,m}.
 4. Eq. 6–9 (:mod:`.transport`): Q̂_m = mean over m' ≠ m of the block-wise Sinkhorn barycentric projection
    of Q_{m'} onto Q_m (one modality: Q̂_m = Q_m).
-5. Eq. 11 (:mod:`.generation`): Z_m = BN(Linear([Q_m, Q̂_m])), the generated modality representation.
+5. Eq. 11 (:mod:`.generation`): Z_m = BN(Linear([Q_m, Q̂_m])), the generated modality representation; one
+   BN shared by the modalities (``shared_norm``, the release) or one each.
 6. Eq. 13: item modality representation C_m = Z_m for items *missing* m and P_m for items that have it
    (``generated_for="missing"``, the generate-the-missing reading; ``"all"`` uses Z_m for every item as the
    release does). user = [E_u, ‖F^{U,m}‖-normalised ...], item = [E_i, ‖C_m‖-normalised ...];
@@ -131,7 +132,8 @@ class CI2MG(Recommender):
             self.register_buffer(f"present_{m}", torch.from_numpy(np.asarray(present[m], dtype=bool)))
         self.hypergraph = nn.ModuleDict({m: PrototypeHypergraph(d, config.n_prototypes, config.n_hyper_layers,
                                                                 config.incidence) for m in self.modalities})
-        self.generate = nn.ModuleDict({m: TaskGuidedGenerator(d, config.task_activation)
+        shared = nn.BatchNorm1d(d) if config.shared_norm else None
+        self.generate = nn.ModuleDict({m: TaskGuidedGenerator(d, config.task_activation, norm=shared)
                                        for m in self.modalities})
         if config.ot_delta and len(self.modalities) > 1:
             self.delta = nn.ParameterDict({m: nn.Parameter(torch.zeros(n_items)) for m in self.modalities})
