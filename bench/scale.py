@@ -608,7 +608,8 @@ def _evaluate(model, g, dataset, config, spec: dict, rec: dict) -> None:
                 first_call.extend((time.perf_counter(), cpu_seconds()))
             return user[users] @ item.T
 
-        metrics = evaluate(score, sub, "test", config.eval.ks, budget_bytes=config.eval.budget_mb << 20)
+        metrics = evaluate(score, sub, "test", config.eval.ks, budget_bytes=config.eval.budget_mb << 20,
+                           masks_valid=config.eval.test_masks_valid)
         t2, c2 = time.perf_counter(), cpu_seconds()
     model.train()
     forward_s, setup_s, loop_s = t1 - t0, first_call[0] - t1, t2 - first_call[0]

@@ -216,7 +216,7 @@ def popularity_reference(config) -> dict[str, float]:
 
     dataset = load_dataset(config, prepare_features=False)   # the splits are all it reads
     return evaluate(popularity_scores(dataset), dataset, "test", config.eval.ks,
-                    budget_bytes=config.eval.budget_mb << 20)
+                    budget_bytes=config.eval.budget_mb << 20, masks_valid=config.eval.test_masks_valid)
 
 
 # ---------------------------------------------------------------------- tables

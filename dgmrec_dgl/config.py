@@ -5,7 +5,7 @@ A YAML file has up to four sections, each optional, each checked key by key::
     data:   {dir, inter, mask, missing_ratio, mask_seed, imputation, new_items, allow_pickle}
     train:  {epochs, batch_size, lr, weight_decay, lr_decay, lr_decay_every, eval_every, patience, seed, ...}
     model:  {name, embedding_dim, n_ui_layers, ...}   # the model's own hyper-parameters
-    eval:   {ks, budget_mb}
+    eval:   {ks, budget_mb, select_metric, user_sample, test_masks_valid}
 
 Defaults are the reference's (``../shared/docs/DGMRec_SPEC.md`` §1, §5). An unknown key, a value of the
 wrong type or a value outside its range (:data:`RULES`: positive sizes, finite positive rates, probabilities
@@ -96,6 +96,9 @@ class EvalConfig:
     # validations during training rank for a seeded sample of this many valid users (0: all of them); the
     # test of the best model always ranks every test user
     user_sample: int = 0
+    # the test ranking masks each user's train items (false: the release's and MMRec's protocol, which the
+    # published numbers use) or train and valid items (true: this package's protocol before issue 19)
+    test_masks_valid: bool = False
 
 
 
@@ -395,6 +398,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "budget_mb": at_least(1),
         "select_metric": Rule("recall@K or ndcg@K with K in eval.ks", lambda v: METRIC_RE.fullmatch(v) is not None),
         "user_sample": at_least(0),                       # 0: every valid user
+        "test_masks_valid": ANY,
     },
     "model": {
         "name": one_of(*MODEL_CONFIGS),

@@ -584,7 +584,8 @@ def evaluate_model(model: Recommender, g, dataset: Dataset, split: str, config: 
         user, item = model.fused(model(g))
         result = evaluate(lambda users: user[users] @ item.T, dataset, split, config.eval.ks,
                           budget_bytes=config.eval.budget_mb << 20, item_groups=groups,
-                          user_sample=user_sample, seed=config.train.seed, progress=progress)
+                          user_sample=user_sample, seed=config.train.seed,
+                          masks_valid=config.eval.test_masks_valid, progress=progress)
     model.train()
     return result
 
