@@ -126,8 +126,9 @@ def _cmd_train(args) -> int:
         overrides["data"]["inter"] = args.inter
     if args.mask:
         overrides["data"]["mask"] = args.mask
-    if args.missing_ratio is not None:
+    if args.missing_ratio is not None:       # a generated mask instead of the config's mask file
         overrides["data"]["missing_ratio"] = args.missing_ratio
+        overrides["data"]["mask"] = args.mask
     if args.new_items:
         overrides["data"]["new_items"] = True
     if args.allow_pickle:

@@ -52,7 +52,7 @@ from kernels.sampling import bpr_triples
 
 from . import distributed
 from .config import Config, load_config, save_config
-from .data.dataset import Dataset
+from .data.dataset import Dataset, find_mask
 from .data.masks import MissingMask
 from .data.new_items import new_items_split
 from .errors import DataError
@@ -82,7 +82,12 @@ def load_dataset(config: Config, *, prepare_features: bool = True) -> Dataset:
         return dataset
     mask = None
     if cfg.mask:
-        mask = MissingMask.load(cfg.mask, dataset.n_items, dataset.modalities or None, allow_pickle=cfg.allow_pickle)
+        path = find_mask(cfg.dir, cfg.mask)
+        if not os.path.exists(path):
+            raise DataError(path, "data.mask", "does not exist", "name the study's mask file (e.g. "
+                            "missing_items_0.666.npz in the data folder) or another, or give --mask FILE, or "
+                            "--missing-ratio R to generate a mask")
+        mask = MissingMask.load(path, dataset.n_items, dataset.modalities or None, allow_pickle=cfg.allow_pickle)
     elif cfg.missing_ratio is not None:
         mask = MissingMask.generate(dataset.n_items, dataset.modalities, cfg.missing_ratio, cfg.mask_seed)
     dataset = dataset.reduced(cfg.reduce_dims, sample=cfg.reduce_sample, seed=cfg.reduce_seed,

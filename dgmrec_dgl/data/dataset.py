@@ -322,6 +322,19 @@ def _find_inter(root: str, inter: str | None) -> str:
                     "choose one with --inter FILE")
 
 
+def find_mask(root: str, mask: str) -> str:
+    """The path of the mask file ``mask`` (``data.mask``) of the dataset folder ``root``.
+
+    ``mask`` names a file inside ``root`` when it is there, or is a bare file name (so a config can say
+    ``mask: missing_items_0.666.npz`` and follow ``--data``); else it is a path as given (absolute, or
+    relative to the current folder).
+    """
+    inside = os.path.join(root, mask)
+    if os.path.exists(inside) or (os.path.basename(mask) == mask and not os.path.exists(mask)):
+        return inside
+    return mask
+
+
 def _check_id_spread(path: str, column: str, ids: np.ndarray) -> None:
     """Refuse ids whose largest is more than :data:`ID_SPREAD_LIMIT` times the number of distinct ids."""
     largest, distinct = int(ids.max()), np.unique(ids).size
