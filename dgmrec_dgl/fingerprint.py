@@ -50,11 +50,16 @@ def resolve_data_paths(config) -> None:
 
 
 def data_files(config) -> list[str]:
-    """Absolute paths of the files ``config`` trains on: interactions, the feature files, the mask file."""
+    """Absolute paths of the files ``config`` trains on: interactions (with a shipped new-items split, the
+    full file beside it too), the feature files, the mask file."""
     from .data.dataset import FEATURE_FILES, _find_inter, find_mask
+    from .data.new_items import interaction_files
 
     data = config.data
     files = [os.path.abspath(_find_inter(data.dir, data.inter))]
+    read, _ = interaction_files(data.dir, data.inter, new_items=data.new_items, protocol=data.new_items_protocol)
+    if read and os.path.abspath(read) not in files:   # a shipped <name>_del.inter is read with its full file
+        files.append(os.path.abspath(read))
     for name in FEATURE_FILES.values():
         path = os.path.join(os.path.abspath(data.dir), name)
         if os.path.exists(path):

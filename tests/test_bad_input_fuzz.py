@@ -45,7 +45,7 @@ CONFIG_CASES = [
     (None, "data", "imputation", "median"), (None, "data", "inject", "knn"),
     (None, "data", "feature_dtype", "float64"),
     (None, "data", "reduce_dims", "0"), (None, "data", "reduce_sample", "0"),
-    (None, "data", "new_items", "3"),
+    (None, "data", "new_items", "3"), (None, "data", "new_items_protocol", "paper"),
     # eval: cut-offs and the selection metric
     (None, "eval", "ks", "[0]"), (None, "eval", "ks", "[]"), (None, "eval", "ks", "[10, -20]"),
     (None, "eval", "ks", "20"),
