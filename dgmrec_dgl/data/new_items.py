@@ -35,6 +35,7 @@ import numpy as np
 
 from ..errors import DataError
 from .dataset import Dataset, _find_inter
+from .io import read_inter
 
 PROTOCOLS = ("release", "test_new_only")
 #: suffix of the study's new-items interaction files (``baby_del.inter``: the full file minus new items' train rows)
@@ -184,8 +185,6 @@ def new_items_setting(dataset: Dataset, *, protocol: str = "release", seed: int 
     if protocol == "test_new_only":
         return new_items_split(dataset, seed=seed, protocol=protocol)
     if shipped is not None:
-        from .io import read_inter
-
         new = shipped_new_items(dataset, read_inter(shipped).split(0), shipped)
     elif is_shipped_split(dataset.name):
         warnings.warn(f"{dataset.root}: {dataset.name}.inter has no full "
