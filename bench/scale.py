@@ -605,7 +605,7 @@ def _evaluate(model, g, dataset, config, spec: dict, rec: dict) -> None:
         user, item = model.fused(model(g_score))
         t1, c1 = time.perf_counter(), cpu_seconds()
         metrics = evaluate(None, sub, "test", config.eval.ks, budget_bytes=config.eval.budget_mb << 20,
-                           factors=(user, item))
+                           masks_valid=config.eval.test_masks_valid, factors=(user, item))
         t2, c2 = time.perf_counter(), cpu_seconds()
     model.train()
     forward_s, loop_s = t1 - t0, t2 - t1

@@ -252,11 +252,10 @@ def main(argv=None) -> int:
         p.error("--data DIR is required (or --quick)")
     if epochs is not None and epochs < 4:
         p.error("--epochs must be >= 4: the median is over at least 3 epochs after the first")
-    overrides = {"data": {"dir": os.path.abspath(data)}, "train": {"seed": args.seed}}
-    if args.mask:
-        overrides["data"]["mask"] = os.path.abspath(args.mask)
-    elif ratio:
-        overrides["data"]["missing_ratio"] = float(Fraction(ratio))
+    # the mask is what the flags say, never a --dataset-config's own data.mask or missing_ratio
+    overrides = {"data": {"dir": os.path.abspath(data), "mask": os.path.abspath(args.mask) if args.mask else None,
+                          "missing_ratio": float(Fraction(ratio)) if ratio and not args.mask else None},
+                 "train": {"seed": args.seed}}
     if epochs:
         overrides["train"]["epochs"] = epochs
     if eval_every:

@@ -221,7 +221,8 @@ class Run:
         user, item = self._tensors()
         groups = self.dataset.mask.n_missing() if self.dataset.mask is not None else None
         return evaluate(lambda users: user[users] @ item.T, self.dataset, split, ks or self.config.eval.ks,
-                        budget_bytes=self.config.eval.budget_mb << 20, item_groups=groups, progress=progress)
+                        budget_bytes=self.config.eval.budget_mb << 20, item_groups=groups,
+                        masks_valid=self.config.eval.test_masks_valid, progress=progress)
 
 
 def load(run_dir: str | os.PathLike) -> Run:

@@ -146,8 +146,9 @@ def _train_config(args):
         overrides["data"]["inter"] = args.inter
     if args.mask:
         overrides["data"]["mask"] = args.mask
-    if args.missing_ratio is not None:
+    if args.missing_ratio is not None:       # a generated mask instead of the config's mask file
         overrides["data"]["missing_ratio"] = args.missing_ratio
+        overrides["data"]["mask"] = args.mask
     if args.new_items:
         overrides["data"]["new_items"] = True
     if args.allow_pickle:

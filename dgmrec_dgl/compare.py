@@ -135,7 +135,7 @@ def _jsonable(obj):
     return obj
 
 
-def compare(models, data_dir, out_dir, seeds, *, mask=None, ratios=None, new_items=False, inject="none",
+def compare(models, data_dir, out_dir, seeds, *, mask=None, ratios=None, new_items=False, inter=None, inject="none",
             epochs=None, train_overrides=None, config_dir=DEFAULT_CONFIG_DIR, dataset_config=None,
             metric="recall@20", progress=False, log=print) -> dict:
     """Train every (setting, model, seed) and write the reports.
@@ -148,6 +148,7 @@ def compare(models, data_dir, out_dir, seeds, *, mask=None, ratios=None, new_ite
         mask: a mask file for the single setting (ignored when ``ratios`` is given).
         ratios: missing ratios for the robustness study (0 = no missing modality).
         new_items: the new-items setting.
+        inter: the ``.inter`` file in ``data_dir`` (e.g. a shipped ``<name>_del.inter`` with ``new_items``).
         inject: feature injection (``none``, ``mean``, ``nn``).
         epochs: epoch cap (default: the configs').
         train_overrides: more ``train:`` values (e.g. ``{"eval_every": 3}``).
@@ -177,7 +178,7 @@ def compare(models, data_dir, out_dir, seeds, *, mask=None, ratios=None, new_ite
             for seed in seeds:
                 count += 1
                 overrides = {"data": {"dir": os.path.abspath(data_dir), "new_items": bool(new_items),
-                                      "inject": inject, **data},
+                                      "inject": inject, **({"inter": inter} if inter else {}), **data},
                              "train": {"seed": int(seed), **(train_overrides or {})}}
                 if epochs is not None:
                     overrides["train"]["epochs"] = int(epochs)
@@ -216,7 +217,7 @@ def popularity_reference(config) -> dict[str, float]:
 
     dataset = load_dataset(config, prepare_features=False)   # the splits are all it reads
     return evaluate(popularity_scores(dataset), dataset, "test", config.eval.ks,
-                    budget_bytes=config.eval.budget_mb << 20)
+                    budget_bytes=config.eval.budget_mb << 20, masks_valid=config.eval.test_masks_valid)
 
 
 # ---------------------------------------------------------------------- tables
@@ -450,7 +451,8 @@ def run_compare(args) -> int:
         return 2
     seeds = seeds or [999, 42, 2023]
     result = compare(models, data, args.out, seeds, mask=mask, ratios=args.missing_ratios,
-                     new_items=args.new_items, inject=args.inject, epochs=epochs, train_overrides=train_overrides,
+                     new_items=args.new_items, inter=args.inter, inject=args.inject, epochs=epochs,
+                     train_overrides=train_overrides,
                      config_dir=args.config_dir, dataset_config=args.dataset_config, metric=args.metric,
                      progress=args.progress)
     print("wrote " + ", ".join(result["files"]))
@@ -469,6 +471,7 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
                    help="robustness study (Fig. 4): e.g. 0,0.2,0.4,0.6,0.8 (masks generated, nested)")
     p.add_argument("--seeds", type=arguments.seeds, help="comma-separated training seeds (default 999,42,2023)")
     p.add_argument("--new-items", action="store_true", help="the new-items setting")
+    p.add_argument("--inter", help="the .inter file in --data (e.g. tiktok_del.inter, the shipped new-items split)")
     p.add_argument("--inject", default="none", choices=("none", "mean", "nn"),
                    help="feature injection for items missing a modality (dgmrec_dgl.inject)")
     p.add_argument("--epochs", type=arguments.count, help="epoch cap (default: the configs', with early stopping)")

@@ -2,10 +2,10 @@
 
 A YAML file has up to four sections, each optional, each checked key by key::
 
-    data:   {dir, inter, mask, missing_ratio, mask_seed, imputation, new_items, allow_pickle}
+    data:   {dir, inter, mask, missing_ratio, mask_seed, imputation, new_items, new_items_protocol, ...}
     train:  {epochs, batch_size, lr, weight_decay, lr_decay, lr_decay_every, eval_every, patience, seed, ...}
     model:  {name, embedding_dim, n_ui_layers, ...}   # the model's own hyper-parameters
-    eval:   {ks, budget_mb}
+    eval:   {ks, budget_mb, select_metric, user_sample, test_masks_valid}
 
 Defaults are the reference's (``../shared/docs/DGMRec_SPEC.md`` §1, §5). An unknown key, a value of the
 wrong type or a value outside its range (:data:`RULES`: positive sizes, finite positive rates, probabilities
@@ -28,6 +28,7 @@ import yaml
 
 from .data.dataset import IMPUTATIONS
 from .data.io import FEATURE_DTYPES
+from .data.new_items import PROTOCOLS as NEW_ITEMS_PROTOCOLS
 from .errors import DataError
 from .inject import INJECTIONS
 from .io_utils import atomic_write_text
@@ -43,6 +44,10 @@ class DataConfig:
     imputation: str = "mean"           # mean (reference), zero, nn
     new_items: bool = False            # the new-items setting (20% stratified, seed 1111)
     new_items_seed: int = 1111
+    # release: the authors' protocol (shipped *_del.inter split or their draw; every test row + the new items'
+    # removed train rows; negatives never new; DGMRec's inference graphs); test_new_only: this package's
+    # protocol before issue 19 (dgmrec_dgl.data.new_items)
+    new_items_protocol: str = "release"
     allow_pickle: bool = False
     inject: str = "none"               # feature injection after masking: none, mean, nn (dgmrec_dgl.inject)
     # Memory-bounded features (dgmrec_dgl.data.io / .reduce). float32 and float16 files are memory-mapped as
@@ -99,6 +104,9 @@ class EvalConfig:
     # validations during training rank for a seeded sample of this many valid users (0: all of them); the
     # test of the best model always ranks every test user
     user_sample: int = 0
+    # the test ranking masks each user's train items (false: the release's and MMRec's protocol, which the
+    # published numbers use) or train and valid items (true: this package's protocol before issue 19)
+    test_masks_valid: bool = False
 
 
 
@@ -435,6 +443,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "missing_ratio": FRACTION,
         "mask_seed": SEED, "new_items_seed": SEED, "reduce_seed": SEED,
         "imputation": one_of(*IMPUTATIONS),
+        "new_items_protocol": one_of(*NEW_ITEMS_PROTOCOLS),
         "inject": one_of(*INJECTIONS),
         "feature_dtype": one_of(*FEATURE_DTYPES),
         "reduce_dims": at_least(1),
@@ -459,6 +468,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "budget_mb": at_least(1),
         "select_metric": Rule("recall@K or ndcg@K with K in eval.ks", lambda v: METRIC_RE.fullmatch(v) is not None),
         "user_sample": at_least(0),                       # 0: every valid user
+        "test_masks_valid": ANY,
     },
     "model": {
         "name": one_of(*MODEL_CONFIGS),

@@ -1,7 +1,8 @@
 """Full-ranking evaluation, as the reference protocol defines it.
 
-For each evaluated user every item is scored; the user's train items are masked (and, on the test split,
-the valid items too); the top-K list is compared with the user's held-out items:
+For each evaluated user every item is scored; the user's train items are masked (on the test split the valid
+items too only with ``masks_valid=True``: the release and MMRec mask the train items alone, see
+:func:`evaluate`); the top-K list is compared with the user's held-out items:
 
     Recall@K = mean_u |top-K(u) ∩ T_u| / |T_u|
     NDCG@K   = mean_u Σ_{r ≤ K, item_r ∈ T_u} 1/log2(r + 1)  /  Σ_{r ≤ min(|T_u|, K)} 1/log2(r + 1)
@@ -155,7 +156,7 @@ PRUNE_BLOCK = 32_768
 @torch.no_grad()
 def evaluate(score_fn: ScoreFn | None, dataset: Dataset, split: str = "test", ks: Sequence[int] = KS,
              *, budget_bytes: int = 256 << 20, item_groups: np.ndarray | None = None, user_sample: int = 0,
-             seed: int = 0, progress: bool = False,
+             seed: int = 0, masks_valid: bool = False, progress: bool = False,
              factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
     """Full-ranking Recall@K / NDCG@K on ``split`` (``valid`` or ``test``).
 
@@ -164,7 +165,7 @@ def evaluate(score_fn: ScoreFn | None, dataset: Dataset, split: str = "test", ks
         factors: ``(user [n_users, d], item [n_items, d])`` when the scores are ``user @ item.T``; from
             :data:`PRUNE_MIN_ITEMS` items on the lists come from :class:`InnerProductRanker` (the same lists,
             without scoring the items no user can rank).
-        dataset: the dataset (train items masked; at test time valid items masked too).
+        dataset: the dataset (its train items are masked).
         split: ``valid`` or ``test``.
         ks: cut-offs (10, 20, 50 by default).
         budget_bytes: memory for one chunk of scores; sets the users per chunk.
@@ -173,6 +174,10 @@ def evaluate(score_fn: ScoreFn | None, dataset: Dataset, split: str = "test", ks
             item), the breakdown of the paper's Fig. 3.
         user_sample: rank for this many of the split's users only, drawn uniformly with ``seed`` (0: all);
             for validations during training on large catalogs.
+        masks_valid: on the test split, mask each user's valid items as well as the train items
+            (``eval.test_masks_valid``). False is the release's and MMRec's protocol (the test loader masks
+            the train items only); True ranks a valid item below every other item at test time, which
+            raises test Recall wherever a user has both valid and test items (Baby, Sports, Clothing).
         progress: a tqdm bar over the user chunks (shown when there are many).
 
     Returns:
@@ -182,7 +187,7 @@ def evaluate(score_fn: ScoreFn | None, dataset: Dataset, split: str = "test", ks
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
     n_users, n_items = dataset.n_users, dataset.n_items
     truth = pairs_to_csr(dataset.valid if split == "valid" else dataset.test, n_users, n_items)
-    seen = dataset.train if split == "valid" else np.concatenate([dataset.train, dataset.valid])
+    seen = np.concatenate([dataset.train, dataset.valid]) if split == "test" and masks_valid else dataset.train
     seen = pairs_to_csr(seen, n_users, n_items)
     users = np.flatnonzero(np.diff(truth.indptr) > 0)
     if 0 < user_sample < len(users):

@@ -33,9 +33,10 @@ def resolve_data_paths(config) -> None:
 
     Relative paths are taken from the current folder, as ``train`` reads them; ``data.inter`` becomes the
     absolute path of the interaction file (found inside ``data.dir`` when it was a bare name, or the
-    folder's only ``.inter`` file when it was unset).
+    folder's only ``.inter`` file when it was unset), ``data.mask`` that of the mask file (inside
+    ``data.dir`` when it is there or a bare name, :func:`~dgmrec_dgl.data.dataset.find_mask`).
     """
-    from .data.dataset import _find_inter
+    from .data.dataset import _find_inter, find_mask
 
     data = config.data
     if not data.dir:
@@ -45,21 +46,27 @@ def resolve_data_paths(config) -> None:
         raise DataError(data.dir, "data.dir", "does not exist or is not a folder", "pass a dataset folder")
     data.inter = os.path.abspath(_find_inter(data.dir, data.inter))
     if data.mask:
-        data.mask = os.path.abspath(data.mask)
+        data.mask = os.path.abspath(find_mask(data.dir, data.mask))
 
 
 def data_files(config) -> list[str]:
-    """Absolute paths of the files ``config`` trains on: interactions, the feature files, the mask file."""
-    from .data.dataset import FEATURE_FILES, _find_inter
+    """Absolute paths of the files ``config`` trains on: interactions (with a shipped new-items split, the
+    full file beside it too), the feature files, the mask file."""
+    from .data.dataset import FEATURE_FILES, _find_inter, find_mask
+    from .data.new_items import interaction_files
 
     data = config.data
     files = [os.path.abspath(_find_inter(data.dir, data.inter))]
+    read, _ = interaction_files(data.dir, data.inter, new_items=data.new_items, protocol=data.new_items_protocol)
+    if read and os.path.abspath(read) not in files:   # a shipped <name>_del.inter is read with its full file
+        files.append(os.path.abspath(read))
     for name in FEATURE_FILES.values():
         path = os.path.join(os.path.abspath(data.dir), name)
         if os.path.exists(path):
             files.append(path)
-    if data.mask and os.path.exists(data.mask):   # a missing mask file is train's error to report
-        files.append(os.path.abspath(data.mask))
+    mask = find_mask(data.dir, data.mask) if data.mask else None
+    if mask and os.path.exists(mask):             # a missing mask file is train's error to report
+        files.append(os.path.abspath(mask))
     return files
 
 

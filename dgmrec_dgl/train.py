@@ -9,9 +9,11 @@ Per epoch (the reference schedule, DGMRec_SPEC §1 and §4):
    (:func:`epoch_batches`: in sampled mode on a background thread, ahead of the steps) and fed to
    :func:`training_step`, the one step of every mode (full, blocks, sampled, data-parallel shards, the
    benchmarks), whose loss reads ``model.batch_forward``.
-3. Every ``eval_every`` epochs: valid Recall@20 (full ranking; ``eval.user_sample`` users if set); the best
-   model is checkpointed atomically and tested on every test user; training stops after ``patience``
-   validations without improvement (``patience + 1`` under ``train.patience_rule: exceed``, the release's).
+3. Every ``eval_every`` epochs: ``model.before_validation`` (DGMRec in the new-items setting: the new items'
+   features are generated and the inference graphs refreshed, as the release does before each validation),
+   then valid Recall@20 (full ranking; ``eval.user_sample`` users if set); the best model is checkpointed
+   atomically and tested on every test user; training stops after ``patience`` validations without
+   improvement (``patience + 1`` under ``train.patience_rule: exceed``, the release's).
 
 :func:`train` reads as its pieces: :func:`_setup` (data, model, graph, optimisers), :func:`_restore`
 (resume or a fresh folder), then per epoch :func:`run_epoch`, :func:`validate_and_keep_best` and
@@ -52,9 +54,9 @@ from kernels.sampling import bpr_triples
 
 from . import distributed
 from .config import Config, load_config, resolve_fidelity, save_config
-from .data.dataset import Dataset
+from .data.dataset import Dataset, find_mask
 from .data.masks import MissingMask
-from .data.new_items import new_items_split
+from .data.new_items import interaction_files, is_shipped_split, negative_candidates, new_items_setting
 from .errors import DataError
 from .evaluate import evaluate
 from .inject import apply_injection
@@ -75,14 +77,25 @@ def load_dataset(config: Config, *, prepare_features: bool = True) -> Dataset:
     features stay as read, without mask, reduction, imputation or injection.
     """
     cfg = config.data
-    dataset = Dataset.load(cfg.dir, inter=cfg.inter, require_features=True, feature_dtype=cfg.feature_dtype)
+    inter, shipped = interaction_files(cfg.dir, cfg.inter, new_items=cfg.new_items, protocol=cfg.new_items_protocol)
+    dataset = Dataset.load(cfg.dir, inter=inter, require_features=True, feature_dtype=cfg.feature_dtype)
     if cfg.new_items:
-        dataset = new_items_split(dataset, seed=cfg.new_items_seed)
+        dataset = new_items_setting(dataset, protocol=cfg.new_items_protocol, seed=cfg.new_items_seed,
+                                    shipped=shipped)
+    elif is_shipped_split(dataset.name):
+        warnings.warn(f"{dataset.name}.inter is a new-items split of the study (its new items have no train "
+                      "row); without data.new_items (--new-items) it trains as plain interactions and tests on "
+                      "its test rows alone")
     if not prepare_features:
         return dataset
     mask = None
     if cfg.mask:
-        mask = MissingMask.load(cfg.mask, dataset.n_items, dataset.modalities or None, allow_pickle=cfg.allow_pickle)
+        path = find_mask(cfg.dir, cfg.mask)
+        if not os.path.exists(path):
+            raise DataError(path, "data.mask", "does not exist", "name the study's mask file (e.g. "
+                            "missing_items_0.666.npz in the data folder) or another, or give --mask FILE, or "
+                            "--missing-ratio R to generate a mask")
+        mask = MissingMask.load(path, dataset.n_items, dataset.modalities or None, allow_pickle=cfg.allow_pickle)
     elif cfg.missing_ratio is not None:
         mask = MissingMask.generate(dataset.n_items, dataset.modalities, cfg.missing_ratio, cfg.mask_seed)
     dataset = dataset.reduced(cfg.reduce_dims, sample=cfg.reduce_sample, seed=cfg.reduce_seed,
@@ -260,8 +273,11 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
             break
         record = run_epoch(s, epoch, progress=progress and s.main)
         t = time.perf_counter()
-        if s.main and (epoch + 1) % tcfg.eval_every == 0:
-            validate_and_keep_best(s, epoch, record, progress=progress)
+        if (epoch + 1) % tcfg.eval_every == 0:
+            # every rank: it may change parameters (DGMRec generates the new items' features)
+            record["before_validation"] = s.model.before_validation(epoch, s.g, s.generator)
+            if s.main:
+                validate_and_keep_best(s, epoch, record, progress=progress)
         record["seconds"]["eval"] = time.perf_counter() - t
         if s.world.size > 1:
             s.state = RunState(**distributed.broadcast_object(asdict(s.state)))   # rank 0 decides early stopping
@@ -407,9 +423,7 @@ def run_epoch(s: Session, epoch: int, *, progress: bool = False) -> dict:
     t0 = time.perf_counter()
     s.g, record["before_epoch"] = model.before_epoch(epoch, s.g, s.generator)
     t1 = time.perf_counter()
-    train_csr = s.dataset.train_matrix()
-    triples = tuple(torch.from_numpy(a) for a in bpr_triples(
-        train_csr.indptr, train_csr.indices, s.dataset.n_items, tcfg.seed * 100003 + epoch))
+    triples = epoch_triples(s.dataset, tcfg.seed, epoch)
     n_batches = math.ceil(len(triples[0]) / tcfg.batch_size)
     sums: dict[str, float] = {}
     timing: dict[str, float] = {}
@@ -430,6 +444,16 @@ def run_epoch(s: Session, epoch: int, *, progress: bool = False) -> dict:
     record["seconds"] = {"train": t2 - t1, "before_epoch": t1 - t0,
                          **({f"train_{k}": v for k, v in timing.items()} if model.execution() == "sampled" else {})}
     return record
+
+
+def epoch_triples(dataset: Dataset, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The BPR triples ``(users, pos, neg)`` of one epoch, int64 ``[n_train]`` each: every train pair once in
+    a seeded order, each with one uniform negative outside the user's train items, drawn among
+    :func:`~dgmrec_dgl.data.new_items.negative_candidates` (never a new item in the release's new-items
+    setting). Every execution mode and the data-parallel shards train on these."""
+    train_csr = dataset.train_matrix()
+    return tuple(torch.from_numpy(a) for a in bpr_triples(train_csr.indptr, train_csr.indices, dataset.n_items,
+                                                         seed * 100003 + epoch, negative_candidates(dataset)))
 
 
 def validate_and_keep_best(s: Session, epoch: int, record: dict, *, progress: bool = False,
@@ -613,7 +637,8 @@ def evaluate_embeddings(user: torch.Tensor, item: torch.Tensor, dataset: Dataset
     with torch.no_grad():
         return evaluate(None, dataset, split, config.eval.ks, factors=(user, item),
                         budget_bytes=config.eval.budget_mb << 20, item_groups=groups,
-                        user_sample=user_sample, seed=config.train.seed, progress=progress)
+                        user_sample=user_sample, seed=config.train.seed,
+                        masks_valid=config.eval.test_masks_valid, progress=progress)
 
 
 def load_run(run_dir: str):

@@ -11,6 +11,12 @@ Public functions:
 
 - :func:`sample_negatives` — one uniform non-interacted item per requested user.
 - :func:`bpr_triples` — every train interaction once, in a seeded random order, each with a negative.
+
+Both take an optional ``candidates`` array, the items a negative may be (the release's new-items setting
+draws negatives only among the items that appear in training, never a new item). The kernels then run on
+the train matrix with every item replaced by its position among the candidates (the candidates must hold
+every train item), and the drawn positions are mapped back: uniform over the user's non-interacted
+candidates, with the same streams as without ``candidates`` when they are all the items.
 """
 
 from __future__ import annotations
@@ -185,7 +191,23 @@ def _check_not_full(lengths: np.ndarray, users: np.ndarray, n_items: int) -> Non
         )
 
 
-def sample_negatives(indptr, indices, users, n_items, seed):
+def _candidate_positions(indices, n_items, candidates):
+    """``(candidates, positions of indices among them)``: the train items in the candidates' numbering."""
+    candidates = _as_index_array(candidates, "candidates")
+    if candidates.size == 0:
+        raise ValueError("candidates is empty, so no negative can be drawn")
+    if candidates[0] < 0 or candidates[-1] >= n_items or (candidates.size > 1 and np.any(np.diff(candidates) <= 0)):
+        raise ValueError(f"candidates must be sorted, unique item ids in [0, {n_items})")
+    positions = np.searchsorted(candidates, indices)
+    known = positions < candidates.size
+    known[known] = candidates[positions[known]] == indices[known]
+    if not known.all():
+        raise ValueError(f"train item {int(indices[~known][0])} is not among the candidates; every train item "
+                         "must be one (negatives are drawn among the items outside the user's row)")
+    return candidates, positions.astype(np.int64)
+
+
+def sample_negatives(indptr, indices, users, n_items, seed, candidates=None):
     """Draw one negative item per entry of ``users``, uniform over the items not in that user's row.
 
     Parameters
@@ -195,6 +217,8 @@ def sample_negatives(indptr, indices, users, n_items, seed):
     3. n_items : int, number of items (columns).
     4. seed : int (taken modulo 2**64); ``neg[k]`` depends only on seed, k and the train row of
        ``users[k]``, not on the Numba thread count.
+    5. candidates : optional ``[c]`` sorted unique int64 item ids holding every train item; negatives are
+       drawn among them only (default: every item).
 
     Returns
     -------
@@ -207,12 +231,16 @@ def sample_negatives(indptr, indices, users, n_items, seed):
     n_users = indptr.size - 1
     if users.size and (users.min() < 0 or users.max() >= n_users):
         raise ValueError(f"users must lie in [0, {n_users}), got values in [{users.min()}, {users.max()}]")
-    _check_not_full(indptr[users + 1] - indptr[users], users, n_items)
     key = _stream_key(seed, _STREAM_NEGATIVES)
-    return _negatives(indptr, indices, users, n_items, key)
+    if candidates is None:
+        _check_not_full(indptr[users + 1] - indptr[users], users, n_items)
+        return _negatives(indptr, indices, users, n_items, key)
+    candidates, positions = _candidate_positions(indices, n_items, candidates)
+    _check_not_full(indptr[users + 1] - indptr[users], users, candidates.size)
+    return candidates[_negatives(indptr, positions, users, candidates.size, key)]
 
 
-def bpr_triples(indptr, indices, n_items, seed):
+def bpr_triples(indptr, indices, n_items, seed, candidates=None):
     """All train interactions as BPR triples ``(u, i+, i-)`` in a random order drawn from ``seed``.
 
     Parameters
@@ -220,18 +248,24 @@ def bpr_triples(indptr, indices, n_items, seed):
     1. indptr, indices : train CSR, ``[n_users+1]`` and ``[nnz]`` int64, items sorted and unique per row.
     2. n_items : int, number of items.
     3. seed : int (taken modulo 2**64); the result does not depend on the Numba thread count.
+    4. candidates : optional sorted unique item ids holding every train item: the negatives are drawn
+       among them only (default: every item).
 
     Returns
     -------
     ``(users, pos, neg)`` : three ``[nnz]`` int64 arrays. ``(users[k], pos[k])`` runs over every train
-    pair exactly once; ``neg`` equals ``sample_negatives(indptr, indices, users, n_items, seed)``.
+    pair exactly once; ``neg`` equals ``sample_negatives(indptr, indices, users, n_items, seed, candidates)``.
 
     Raises ``ValueError`` if a user with train interactions has interacted with every item.
     """
     indptr, indices, n_items = _coerce_train(indptr, indices, n_items)
     lengths = np.diff(indptr)
-    _check_not_full(lengths, np.arange(lengths.size), n_items)
     perm = _permutation(indices.size, _stream_key(seed, _STREAM_PERMUTATION))
     users, pos = _gather_pairs(indptr, indices, perm)
-    neg = _negatives(indptr, indices, users, n_items, _stream_key(seed, _STREAM_NEGATIVES))
-    return users, pos, neg
+    key = _stream_key(seed, _STREAM_NEGATIVES)
+    if candidates is None:
+        _check_not_full(lengths, np.arange(lengths.size), n_items)
+        return users, pos, _negatives(indptr, indices, users, n_items, key)
+    candidates, positions = _candidate_positions(indices, n_items, candidates)
+    _check_not_full(lengths, np.arange(lengths.size), candidates.size)
+    return users, pos, candidates[_negatives(indptr, positions, users, candidates.size, key)]

@@ -45,11 +45,11 @@ CONFIG_CASES = [
     (None, "data", "imputation", "median"), (None, "data", "inject", "knn"),
     (None, "data", "feature_dtype", "float64"),
     (None, "data", "reduce_dims", "0"), (None, "data", "reduce_sample", "0"),
-    (None, "data", "new_items", "3"),
+    (None, "data", "new_items", "3"), (None, "data", "new_items_protocol", "paper"),
     # eval: cut-offs and the selection metric
     (None, "eval", "ks", "[0]"), (None, "eval", "ks", "[]"), (None, "eval", "ks", "[10, -20]"),
     (None, "eval", "ks", "20"),
-    (None, "eval", "budget_mb", "0"),
+    (None, "eval", "budget_mb", "0"), (None, "eval", "test_masks_valid", "1"),
     (None, "eval", "select_metric", "hit@20"), (None, "eval", "select_metric", "recall"),
     (None, "eval", "select_metric", "recall@30"), (None, "eval", "select_metric", "recall@020"),
     # DGMRec

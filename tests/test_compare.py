@@ -145,3 +145,29 @@ def test_quick_with_all_four_models(tmp_path):
     assert args.run(args) == 0
     models = {r["model"] for r in _rows(tmp_path / "q" / "report.csv")}
     assert models == {"dgmrec", "ci2mg", "lightgcn", "mfbpr", REFERENCE}
+
+
+def test_compare_runs_a_shipped_new_items_split(toy_dir, tmp_path):
+    """``compare --new-items --inter <name>_del.inter``: every run and the popularity row use the release's
+    new-items protocol on the shipped split (its test set: every test row + the new items' train rows)."""
+    import shutil
+
+    from dgmrec_dgl.data.new_items import new_items_setting
+
+    data = tmp_path / "toy"
+    shutil.copytree(toy_dir, data)
+    full = Dataset.load(data)
+    new = np.arange(0, full.n_items, 5)
+    lines = (data / "toy.inter").read_text().splitlines()
+    kept = [line for line in lines[1:] if not (line.endswith("\t0") and int(line.split("\t")[1]) % 5 == 0)]
+    (data / "toy_del.inter").write_text("\n".join(lines[:1] + kept) + "\n")
+    out = tmp_path / "cmp"
+    compare(["mfbpr"], data, out, [1], new_items=True, inter="toy_del.inter", epochs=2, train_overrides=FAST,
+            log=lambda line: None)
+    record = json.loads((out / "runs" / "mask" / "mfbpr" / "seed1" / "result.json").read_text())
+    assert record["config"]["data"]["inter"].endswith("toy_del.inter") and record["config"]["data"]["new_items"]
+    ds = new_items_setting(full, shipped=str(data / "toy_del.inter"))
+    np.testing.assert_array_equal(ds.new_items, new[full.item_train_counts()[new] > 0])
+    popular = evaluate(popularity_scores(ds), ds, "test")
+    reference = [r for r in _rows(out / "report.csv") if r["model"] == REFERENCE][0]
+    assert float(reference["recall@20_mean"]) == pytest.approx(popular["recall@20"])

@@ -175,6 +175,8 @@ def _dgmrec_scenarios(data: str, root: str) -> None:
     train(full, str(root / "full"), progress=False)
     train(full, str(root / "part"), progress=False, max_epochs=2)
     train(full, str(root / "part"), progress=False, resume=True)
+    full.data.new_items = True            # item 5 is new and lacks its image: generated before each validation
+    train(full, str(root / "new_items"), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +229,18 @@ def test_full_dgmrec_two_processes_keep_identical_replicas(dgmrec_runs, tmp_path
     single = train(tiny_config(data, "dgmrec"), str(tmp_path / "one"), progress=False)
     two = json.loads((root / "ranks2" / "full" / "metrics.json").read_text())
     assert_metrics_close(two, single, 0.25)
+
+
+def test_new_items_generation_before_validation_keeps_identical_replicas(dgmrec_runs):
+    """The release's new-items setting: every rank runs ``before_validation`` (it writes raw feature rows and
+    refines the inference graphs), so the replicas stay identical."""
+    _, root = dgmrec_runs
+    lines = log(root / "ranks2" / "new_items")
+    assert [line["before_validation"]["generated_new_rows"] for line in lines if "before_validation" in line] \
+        == [{"image": 1, "text": 0}] * 2
+    assert "refined_new_rows" in lines[1]["before_validation"]
+    for line in lines:
+        assert line["replicas"][0] == line["replicas"][1]
 
 
 def test_resume_with_two_processes_gives_the_uninterrupted_result(dgmrec_runs):

@@ -53,16 +53,16 @@ def make_dataset(rng, n_users=30, n_items=50):
 
 
 @settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 10**6), budget=st.sampled_from([200, 4000, 1 << 20]))
-def test_evaluate_masks_seen_items_and_is_chunk_invariant(seed, budget):
+@given(seed=st.integers(0, 10**6), budget=st.sampled_from([200, 4000, 1 << 20]), masks_valid=st.booleans())
+def test_evaluate_masks_seen_items_and_is_chunk_invariant(seed, budget, masks_valid):
     rng = np.random.default_rng(seed)
     ds = make_dataset(rng)
     table = torch.from_numpy(rng.normal(size=(ds.n_users, ds.n_items)).astype(np.float32))
     score = lambda users: table[users].clone()  # noqa: E731
-    got = evaluate(score, ds, "test", ks=(5, 10), budget_bytes=budget)
-    # brute force: mask train and valid, rank all remaining items
+    got = evaluate(score, ds, "test", ks=(5, 10), budget_bytes=budget, masks_valid=masks_valid)
+    # brute force: mask train (and valid with masks_valid), rank all remaining items
     seen = {}
-    for u, i in np.concatenate([ds.train, ds.valid]):
+    for u, i in np.concatenate([ds.train, ds.valid]) if masks_valid else ds.train:
         seen.setdefault(u, set()).add(i)
     truth = {}
     for u, i in ds.test:
@@ -130,3 +130,44 @@ def test_evaluate_with_factors_ranks_as_scoring_every_item(monkeypatch):
     pruned = evaluate(None, ds, "test", ks=(5, 10), factors=(user, item), budget_bytes=4 * 16 * 7)
     assert 0 < pruned.pop("scored_share") < 1
     assert pruned == plain
+
+
+def test_test_masks_valid_changes_recall_both_ways():
+    """One user: train item 0, valid item 1, test item 2; the model ranks 0 > 1 > 2 > 3 > 4.
+
+    Masking train only (the release, MMRec; ``eval.test_masks_valid: false``) leaves the valid item 1 on top,
+    so at K = 1 the test item is missed (recall 0); masking train and valid puts the test item first (1).
+    """
+    arr = lambda x: np.array(x, dtype=np.int64).reshape(-1, 2)  # noqa: E731
+    ds = Dataset("t", "", 1, 5, arr([(0, 0)]), arr([(0, 1)]), arr([(0, 2)]), n_file_rows=3)
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])
+    release = evaluate(lambda u: scores[u].clone(), ds, "test", ks=(1, 2))
+    assert release["recall@1"] == 0.0 and release["recall@2"] == 1.0
+    assert math.isclose(release["ndcg@2"], 1.0 / math.log2(3))
+    stricter = evaluate(lambda u: scores[u].clone(), ds, "test", ks=(1, 2), masks_valid=True)
+    assert stricter["recall@1"] == 1.0 and stricter["ndcg@2"] == 1.0
+    # validation masks the train items only, whatever the switch says
+    for masks_valid in (False, True):
+        valid = evaluate(lambda u: scores[u].clone(), ds, "valid", ks=(1,), masks_valid=masks_valid)
+        assert valid["recall@1"] == 1.0
+
+
+def test_test_masks_valid_reaches_the_trainer(tmp_path):
+    """``eval.test_masks_valid`` from the YAML reaches the test of the best model (train.evaluate_model)."""
+    from dgmrec_dgl.config import load_config
+    from dgmrec_dgl.train import evaluate_model
+
+    class Scores(torch.nn.Module):          # the constructed example's scores as a model
+        def forward(self, g):
+            return None
+
+        def fused(self, reps):
+            return torch.tensor([[1.0, 0.0]]), torch.tensor([[5.0, 0.0], [4.0, 0.0], [3.0, 0.0], [2.0, 0.0]])
+
+    arr = lambda x: np.array(x, dtype=np.int64).reshape(-1, 2)  # noqa: E731
+    ds = Dataset("t", "", 1, 4, arr([(0, 0)]), arr([(0, 1)]), arr([(0, 2)]), n_file_rows=3)
+    for flag, recall in (("false", 0.0), ("true", 1.0)):
+        path = tmp_path / f"{flag}.yaml"
+        path.write_text(f"eval: {{ks: [1], select_metric: recall@1, test_masks_valid: {flag}}}\n")
+        got = evaluate_model(Scores(), None, ds, "test", load_config(path))
+        assert got["recall@1"] == recall, flag

@@ -150,3 +150,62 @@ def test_bpr_triples_at_200k_users():
     assert len(users) == len(indices)
     assert np.all(negatives_valid_reference(indptr, indices, users[:10_000], neg[:10_000], n_items))
     assert np.array_equal(np.bincount(users, minlength=n_users), lengths)
+
+
+# ---------------------------------------------------------------------- candidates (the new-items setting)
+@SETTINGS
+@given(train_sets(), st.integers(0, 2**32), st.integers(0, 30))
+def test_negatives_are_never_outside_the_candidates(train, seed, n_excluded):
+    """The release's new-items setting: negatives among the candidates (items with train rows) only, on the
+    rejection path and on the rank fallback (users holding most candidates); every other property holds."""
+    indptr, indices, n_items = train
+    rng = np.random.default_rng(seed)
+    excluded = rng.choice(n_items, size=min(n_excluded, n_items), replace=False)   # the "new" items
+    candidates = np.setdiff1d(np.arange(n_items), excluded)
+    # drop the excluded items from the train rows (new items have none), keep only users with a free candidate
+    rows = [np.setdiff1d(indices[indptr[u]:indptr[u + 1]], excluded) for u in range(len(indptr) - 1)]
+    rows = [r for r in rows if len(r) < len(candidates)]
+    if not rows:
+        return
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    indices = np.concatenate(rows).astype(np.int64)
+    users, pos, neg = bpr_triples(indptr, indices, n_items, seed, candidates)
+    assert not np.isin(neg, excluded).any()
+    assert np.all(negatives_valid_reference(indptr, indices, users, neg, n_items))
+    assert np.array_equal(neg, sample_negatives(indptr, indices, users, n_items, seed, candidates))
+    # the order and the positives do not depend on the candidates
+    u0, p0, _ = bpr_triples(indptr, indices, n_items, seed)
+    assert np.array_equal(users, u0) and np.array_equal(pos, p0)
+
+
+def test_candidates_of_every_item_draw_what_no_candidates_draw():
+    rng = np.random.default_rng(3)
+    indptr, indices = _train_csr(rng, 50, 40, 0.9)
+    for a, b in zip(bpr_triples(indptr, indices, 40, 9), bpr_triples(indptr, indices, 40, 9, np.arange(40))):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("n_train", [3, 95, 99])
+def test_candidate_negatives_uniform_over_free_candidates(n_train):
+    # 100 candidates among 200 items; 3 train items: rejection path; 95: mostly the rank fallback; 99: one choice
+    n_items, draws = 200, 20_000
+    candidates = np.sort(np.random.default_rng(0).choice(n_items, size=100, replace=False))
+    train_items = np.sort(np.random.default_rng(n_train).choice(candidates, size=n_train, replace=False))
+    neg = sample_negatives(np.array([0, n_train]), train_items, np.zeros(draws, np.int64), n_items, 11, candidates)
+    free = np.setdiff1d(candidates, train_items)
+    counts = np.bincount(neg, minlength=n_items)
+    assert counts.sum() == counts[free].sum() == draws
+    expected = draws / len(free)
+    chi2 = float(((counts[free] - expected) ** 2 / expected).sum())
+    dof = max(len(free) - 1, 1)
+    assert chi2 < dof + 6 * np.sqrt(2 * dof), f"chi2 {chi2:.1f} for {dof} degrees of freedom"
+
+
+def test_bad_candidates_are_refused():
+    indptr, indices = np.array([0, 2]), np.array([1, 3])
+    with pytest.raises(ValueError, match="train item 3 is not among the candidates"):
+        bpr_triples(indptr, indices, 5, 0, np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="sorted, unique"):
+        bpr_triples(indptr, indices, 5, 0, np.array([3, 1, 0]))
+    with pytest.raises(ValueError, match="interacted with all 2 items"):
+        bpr_triples(indptr, indices, 5, 0, np.array([1, 3]))

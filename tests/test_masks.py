@@ -106,3 +106,59 @@ def test_generation_rejects_bad_arguments():
         MissingMask.generate(10, ("image",), 1.5, seed=0)
     with pytest.raises(ValueError, match="1 to 3"):
         MissingMask.generate(10, ("smell",), 0.5, seed=0)
+
+
+# ---------------------------------------------------------------------- the configs name the shipped masks
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+SHIPPED = {"baby": "missing_items_0.666.npz", "sports": "missing_items_0.666.npz",
+           "clothing": "missing_items_0.666.npz", "tiktok": "missing_items_0.6.npz"}
+
+
+@pytest.mark.parametrize("model", ["dgmrec", "ci2mg", "lightgcn", "mfbpr"])
+@pytest.mark.parametrize("dataset", sorted(SHIPPED))
+def test_dataset_configs_train_on_the_shipped_masks(model, dataset, monkeypatch):
+    """``train --config configs/<model>/<dataset>.yaml`` reads the study's stratified mask from its data folder."""
+    from dgmrec_dgl.config import load_config
+    from dgmrec_dgl.data.dataset import Dataset
+    from dgmrec_dgl.fingerprint import data_files, resolve_data_paths
+
+    expected = shared_split(dataset, SHIPPED[dataset])
+    monkeypatch.chdir(REPO)                 # the configs' data.dir is relative to the repository
+    config = load_config(REPO / "configs" / model / f"{dataset}.yaml")
+    assert config.data.missing_ratio is None
+    resolve_data_paths(config)
+    assert config.data.mask == str(expected)
+    assert str(expected) in data_files(config)                      # fingerprinted with the run
+    n_items = Dataset.load(config.data.dir, inter=config.data.inter).n_items
+    mask = MissingMask.load(config.data.mask, n_items)              # the .npz loads without pickle
+    assert mask.any_missing().mean() == pytest.approx(0.6 if dataset == "tiktok" else 2 / 3, abs=0.01)
+
+
+def test_a_bare_mask_name_follows_the_data_folder(tiny_dir, tmp_path, monkeypatch, capsys):
+    """``data.mask: <file name>`` is read inside ``data.dir`` (so ``--data DIR`` takes DIR's mask); the CLI's
+    ``--missing-ratio`` replaces it with a generated mask; a name missing from the folder is one error line."""
+    from conftest import CONFIGS, assert_rejected, run_cli
+    from dgmrec_dgl.config import load_config
+    from dgmrec_dgl.train import load_dataset
+
+    shipped = MissingMask(8, ("image", "text"), {"t": [1], "v": [2], "all": [3, 4]})
+    shipped.save(tiny_dir / "missing_items_0.5.npz")
+    monkeypatch.chdir(tmp_path)                                      # not the data folder
+    config = load_config(None, {"data": {"dir": str(tiny_dir), "mask": "missing_items_0.5.npz"}})
+    ds = load_dataset(config)
+    assert {k: v.tolist() for k, v in ds.mask.groups.items()} == {"t": [1], "v": [2], "all": [3, 4]}
+
+    yaml = tmp_path / "lightgcn.yaml"
+    yaml.write_text(f"extends: {CONFIGS / 'lightgcn' / 'base.yaml'}\ndata: {{mask: missing_items_0.5.npz}}\n"
+                    "train: {eval_every: 1}\n")
+    train = ["train", "--config", yaml, "--data", tiny_dir, "--quiet", "--epochs", 1]
+    assert run_cli(capsys, train + ["--out", tmp_path / "a"])[0] == 0
+    recorded = load_config(tmp_path / "a" / "config.yaml").data
+    assert recorded.mask == str(tiny_dir / "missing_items_0.5.npz") and recorded.missing_ratio is None
+    assert run_cli(capsys, train + ["--out", tmp_path / "b", "--missing-ratio", "0.25"])[0] == 0
+    recorded = load_config(tmp_path / "b" / "config.yaml").data
+    assert recorded.mask is None and recorded.missing_ratio == 0.25
+
+    (tiny_dir / "missing_items_0.5.npz").unlink()
+    code, lines = run_cli(capsys, train + ["--out", tmp_path / "c"])
+    assert_rejected(code, lines, "missing_items_0.5.npz", "data.mask", "--missing-ratio")

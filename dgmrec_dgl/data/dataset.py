@@ -66,6 +66,8 @@ class Dataset:
         present: modality → bool ``[n_items]``, False where the item lacks the modality.
         mask: the missing-modality mask, or ``None`` when every item has every modality.
         new_items: int64 ids of the new items (new-items setting), else ``None``.
+        new_items_protocol: how the new-items setting is run (``release`` or ``test_new_only``,
+            :mod:`dgmrec_dgl.data.new_items`), else ``None``.
         imputation: how missing rows were filled (``mean``, ``zero``, ``nn``), ``None`` if nothing was.
         n_file_rows: interactions in the ``.inter`` file (after dropping duplicates, before the
             cold-user filter): the count the published statistics use.
@@ -86,6 +88,7 @@ class Dataset:
     present: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     mask: MissingMask | None = None
     new_items: np.ndarray | None = None
+    new_items_protocol: str | None = None
     imputation: str | None = None
     n_file_rows: int = 0
     n_dropped_cold: int = 0
@@ -220,7 +223,8 @@ class Dataset:
         * an in-memory array is copied once (``n_items × d × itemsize`` bytes), in its dtype.
 
         The mean, and the neighbour rows of ``nn``, are accumulated block by block in float64: no copy of
-        the present rows is made. Reduce wide features first (:meth:`reduced` with ``mask=``, or
+        the present rows is made. In the release's new-items setting the mean is over the old items that
+        have the modality (the release's imputation leaves the new items out). Reduce wide features first (:meth:`reduced` with ``mask=``, or
         :meth:`load` with ``reduce_dims``) to impute in the narrow space instead.
         """
         if imputation not in IMPUTATIONS:
@@ -230,15 +234,18 @@ class Dataset:
         elif mask.n_items != self.n_items:
             raise ValueError(f"mask covers {mask.n_items} items, dataset has {self.n_items}")
         present = {m: ~mask.missing(m) for m in self.modalities}
+        old = np.ones(self.n_items, dtype=bool)
+        if self.new_items is not None and self.new_items_protocol == "release":
+            old[self.new_items] = False
         features = {}
         for modality in self.modalities:
-            lacks = ~present[modality]
-            if lacks.all():
+            if not (present[modality] & old).any():
                 raise DataError(self.root, f"{modality} mask",
                                 "every item lacks this modality, so nothing can be imputed",
                                 "use a mask that leaves some items with the modality")
             features[modality] = _impute(self.features[modality], present[modality], imputation,
-                                         self.train_matrix() if imputation == "nn" else None)
+                                         self.train_matrix() if imputation == "nn" else None,
+                                         mean_of=present[modality] & old)
         return replace(self, mask=mask, present=present, features=features,
                        imputation=imputation if self.modalities else None)
 
@@ -322,6 +329,19 @@ def _find_inter(root: str, inter: str | None) -> str:
                     "choose one with --inter FILE")
 
 
+def find_mask(root: str, mask: str) -> str:
+    """The path of the mask file ``mask`` (``data.mask``) of the dataset folder ``root``.
+
+    ``mask`` names a file inside ``root`` when it is there, or is a bare file name (so a config can say
+    ``mask: missing_items_0.666.npz`` and follow ``--data``); else it is a path as given (absolute, or
+    relative to the current folder).
+    """
+    inside = os.path.join(root, mask)
+    if os.path.exists(inside) or (os.path.basename(mask) == mask and not os.path.exists(mask)):
+        return inside
+    return mask
+
+
 def _check_id_spread(path: str, column: str, ids: np.ndarray) -> None:
     """Refuse ids whose largest is more than :data:`ID_SPREAD_LIMIT` times the number of distinct ids."""
     largest, distinct = int(ids.max()), np.unique(ids).size
@@ -373,16 +393,18 @@ def _neighbour_sums(features: np.ndarray, co: sp.csr_matrix) -> np.ndarray:
     return out
 
 
-def _impute(features: np.ndarray, present: np.ndarray, how: str, train: sp.csr_matrix | None) -> np.ndarray:
+def _impute(features: np.ndarray, present: np.ndarray, how: str, train: sp.csr_matrix | None,
+            mean_of: np.ndarray | None = None) -> np.ndarray:
     """Fill the rows of items lacking the modality (memory: see :meth:`Dataset.with_mask`).
 
+    ``mean_of`` (bool ``[n_items]``, default ``present``): the rows averaged into the mean.
     Returns ``features`` itself when no row lacks the modality, else a writable twin (same dtype) with
     the missing rows filled.
     """
     lacks = np.flatnonzero(~present)
     if lacks.size == 0:
         return features
-    mean = _present_mean(features, present)
+    mean = _present_mean(features, present if mean_of is None else mean_of)
     out = _writable_copy(features)
     if how == "zero":
         out[lacks] = 0.0

@@ -16,9 +16,9 @@ mode; the sampled mode of DGMRec, LightGCN and MF-BPR). Evaluation, scoring and 
 ``forward``.
 
 Optional hooks: :meth:`Recommender.before_epoch` (work done once per epoch before the mini-batches, such as
-DGMRec's generation and graph refinement; it may return a new graph), :meth:`Recommender.main_parameters`
-(what the main optimiser trains) and :meth:`Recommender.auxiliary_optimizer` (a second optimiser the model
-steps itself). Graph state a model changes (refined kNN relations) travels through
+DGMRec's generation and graph refinement; it may return a new graph), :meth:`Recommender.before_validation`
+(work before each validation), :meth:`Recommender.main_parameters` (what the main optimiser trains) and
+:meth:`Recommender.auxiliary_optimizer` (a second optimiser the model steps itself). Graph state a model changes (refined kNN relations) travels through
 :meth:`Recommender.graph_state` / :meth:`Recommender.load_graph_state` so checkpoints hold it.
 """
 
@@ -102,6 +102,15 @@ class Recommender(nn.Module):
     def before_epoch(self, epoch: int, g, generator: torch.Generator) -> tuple[object, dict]:
         """Per-epoch work before training; returns the (possibly new) graph and log entries."""
         return g, {}
+
+    def before_validation(self, epoch: int, g, generator: torch.Generator) -> dict:
+        """Work before the validation that follows ``epoch`` (run on every rank); returns log entries.
+
+        DGMRec in the release's new-items setting generates the new items' features and refreshes its
+        inference graphs here; the other models have nothing to do (their new items keep their initial
+        ID embeddings, as in the release).
+        """
+        return {}
 
     def graph_state(self) -> dict:
         """Graph state the model changes while training, as tensors and plain values (checkpoints hold it and

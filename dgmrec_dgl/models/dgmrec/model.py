@@ -10,6 +10,10 @@ Kim, Kang, Kim, Kim and Park, SIGIR 2025. This module wires the paper's parts to
 5. Once per epoch (:meth:`DGMRec.before_epoch`): CLUB estimator steps, generation of missing raw features
    (Eq. 12–15, :meth:`DGMRec.generate_features`) and, every ``refresh_every`` epochs, the refinement of the
    kNN rows of items missing a modality (Eq. 16, FAISS + Numba through :mod:`dgmrec_dgl.graphs.refine`).
+6. The release's new-items setting (:mod:`dgmrec_dgl.data.new_items`): training runs on kNN graphs in
+   which the new items are masked (a self-loop row, in no other row); scores use separate inference graphs
+   (the usual missing-modality graphs), on which the new items' missing features are generated and their
+   rows refined before each validation (:meth:`DGMRec.before_validation`).
 
 A training step gets its representations from :meth:`DGMRec.batch_forward`. With ``execution: full`` that
 is :meth:`DGMRec.forward` on the whole graph; with ``blocks`` the modality branch runs only where the batch
@@ -55,6 +59,8 @@ from .propagation import (propagate_modality, propagate_modality_blocks, propaga
 
 #: rows decoded at a time by :meth:`DGMRec.generated_features` (65,536 x 4,096 float32 = 1 GiB)
 DECODE_CHUNK = 65_536
+#: prefix of the inference graphs' keys in :meth:`DGMRec.graph_state` (the release's new-items setting)
+INFERENCE = "inference_"
 
 
 def term(name: str):
@@ -138,6 +144,11 @@ class DGMRec(Recommender):
         config: hyper-parameters (switches left None follow ``config.fidelity``).
         knn: modality → normalised kNN graph S^m (items missing m: a self-loop row).
         targets: modality → item ids whose raw rows are generated every epoch (default: none).
+        inference_knn: the release's new-items setting: modality → the graph scores use (``knn`` is then the
+            training graph, new items masked); default none (scores use ``knn``).
+        new_items: int64 ids of the new items (with ``inference_knn``): their rows are refined in the
+            inference graphs only.
+        new_item_targets: modality → new items whose raw rows are generated before each validation.
 
     Example::
 
@@ -149,7 +160,8 @@ class DGMRec(Recommender):
 
     def __init__(self, n_users: int, n_items: int, features: dict[str, np.ndarray],
                  present: dict[str, np.ndarray], config: DGMRecConfig, knn: dict[str, KnnGraph],
-                 targets: dict[str, np.ndarray] | None = None):
+                 targets: dict[str, np.ndarray] | None = None, *, inference_knn: dict[str, KnnGraph] | None = None,
+                 new_items: np.ndarray | None = None, new_item_targets: dict[str, np.ndarray] | None = None):
         super().__init__()
         if not features:
             raise ValueError("DGMRec needs at least one modality with features")
@@ -161,6 +173,16 @@ class DGMRec(Recommender):
         self.targets = {m: torch.as_tensor(np.asarray((targets or {}).get(m, []), dtype=np.int64))
                         for m in features}
         self.refine_rows = refined_rows(present, config.refine_rows)
+        # the release's new-items setting: the new items' rows live in the inference graphs only
+        self.inference_knn = dict(inference_knn or {})
+        self.new_item_targets = {m: torch.as_tensor(np.asarray((new_item_targets or {}).get(m, []), dtype=np.int64))
+                                 for m in features}
+        self.inference_refine_rows = {m: np.empty(0, np.int64) for m in features}
+        if self.inference_knn and new_items is not None:
+            is_new = np.zeros(n_items, dtype=bool)
+            is_new[new_items] = True
+            self.inference_refine_rows = {m: rows[is_new[rows]] for m, rows in self.refine_rows.items()}
+            self.refine_rows = {m: rows[~is_new[rows]] for m, rows in self.refine_rows.items()}
         self.modalities = tuple(features)
         d, bias = config.embedding_dim, config.linear_bias_init
         dims = {m: int(f.shape[1]) for m, f in features.items()}
@@ -193,11 +215,19 @@ class DGMRec(Recommender):
         ``generate_multi_missing``, every item missing it; new items are left out in the new-items setting.
         The graphs rank among the items that have the modality, or (``knn_candidates: all``, the release)
         among all items, mean-imputed rows included, before the columns of missing items are dropped.
+        In the release's new-items setting (``dataset.new_items_protocol == "release"``) the training graphs
+        mask the new items instead of the items missing the modality, as the release builds them (with
+        ``zero`` imputation, whose rows have no cosine, the missing items stay masked too); the usual
+        graphs become the inference graphs, and the new items missing a modality are generated there.
         """
         config = resolve_fidelity(config, config.fidelity, len(dataset.modalities))
-        knn = modality_knn_graphs({m: dataset.features[m] for m in dataset.modalities}, dataset.present,
-                                  config.knn_k, candidates=config.knn_candidates, index=config.knn_index, seed=seed)
-        targets = {}
+
+        def graphs(keep: dict[str, np.ndarray]) -> dict[str, KnnGraph]:
+            return modality_knn_graphs({m: dataset.features[m] for m in dataset.modalities}, keep, config.knn_k,
+                                       candidates=config.knn_candidates, index=config.knn_index, seed=seed)
+
+        knn = graphs(dataset.present)
+        targets, extra = {}, {}
         for m in dataset.modalities:
             if dataset.mask is None:
                 rows = np.empty(0, np.int64)
@@ -208,7 +238,17 @@ class DGMRec(Recommender):
             if dataset.new_items is not None:
                 rows = np.setdiff1d(rows, dataset.new_items)
             targets[m] = rows
-        return cls(dataset.n_users, dataset.n_items, dataset.features, dataset.present, config, knn, targets)
+        if dataset.new_items is not None and dataset.new_items_protocol == "release":
+            old = np.ones(dataset.n_items, dtype=bool)
+            old[dataset.new_items] = False
+            new_targets = {m: np.intersect1d(np.flatnonzero(~dataset.present[m]) if config.generate_multi_missing
+                                             else dataset.mask.missing_exactly(m), dataset.new_items)
+                           if dataset.mask is not None else np.empty(0, np.int64) for m in dataset.modalities}
+            extra = {"inference_knn": knn, "new_items": dataset.new_items, "new_item_targets": new_targets}
+            knn = graphs({m: old & dataset.present[m] if dataset.imputation == "zero" else old
+                          for m in dataset.modalities})
+        return cls(dataset.n_users, dataset.n_items, dataset.features, dataset.present, config, knn, targets,
+                   **extra)
 
     # ------------------------------------------------------------------ Recommender hooks
     def main_parameters(self):
@@ -223,7 +263,12 @@ class DGMRec(Recommender):
         return build_heterograph(dataset, self.knn)
 
     def scoring_graph(self, g):
-        """The graph scores are computed on: the refined one, or (release behaviour) the initial one."""
+        """The graph scores are computed on: the refined one, or (release behaviour) the initial one; in the
+        release's new-items setting the inference graphs (whatever ``score_with_refined_graph`` says)."""
+        if self.inference_knn:
+            for m, knn in self.inference_knn.items():
+                g = replace_knn_relation(g, m, knn)
+            return g
         if self.config.score_with_refined_graph:
             return g
         for m, knn in self.initial_knn.items():
@@ -231,12 +276,17 @@ class DGMRec(Recommender):
         return g
 
     def graph_state(self) -> dict:
-        return {m: tuple(torch.from_numpy(a) for a in (k.indptr, k.indices, k.weights)) for m, k in self.knn.items()}
+        graphs = {**self.knn, **{INFERENCE + m: k for m, k in self.inference_knn.items()}}
+        return {m: tuple(torch.from_numpy(a) for a in (k.indptr, k.indices, k.weights)) for m, k in graphs.items()}
 
     def load_graph_state(self, state: dict, g):
-        for m, tensors in state.items():
-            self.knn[m] = KnnGraph(*(t.numpy() for t in tensors))
-            g = replace_knn_relation(g, m, self.knn[m])
+        for key, tensors in state.items():
+            graph = KnnGraph(*(t.numpy() for t in tensors))
+            if key.startswith(INFERENCE):
+                self.inference_knn[key[len(INFERENCE):]] = graph
+            else:
+                self.knn[key] = graph
+                g = replace_knn_relation(g, key, graph)
         return g
 
     def before_epoch(self, epoch: int, g, generator: torch.Generator | None = None):
@@ -259,15 +309,37 @@ class DGMRec(Recommender):
 
     def refine_graphs(self, g):
         """Eq. 16 on the rows of items missing each modality, from the current raw features."""
-        cfg = self.config
         for m, rows in self.refine_rows.items():
             if len(rows) == 0:
                 continue
-            self.knn[m] = refine_knn(self.knn[m], self.raw[m].detach().numpy(), rows, alpha=1.0 - cfg.avg_lambda,
-                                     k=cfg.knn_k, sources=cfg.refine_sources, tolerance=cfg.refine_tolerance,
-                                     present=self.present(m).numpy(), index=cfg.knn_index, progress=False)
+            self.knn[m] = self._refined(self.knn[m], m, rows)
             g = replace_knn_relation(g, m, self.knn[m])
         return g
+
+    def _refined(self, graph: KnnGraph, m: str, rows: np.ndarray) -> KnnGraph:
+        """``graph`` with its ``rows`` refined by Eq. 16 from the current raw features of modality ``m``."""
+        cfg = self.config
+        return refine_knn(graph, self.raw[m].detach().numpy(), rows, alpha=1.0 - cfg.avg_lambda, k=cfg.knn_k,
+                          sources=cfg.refine_sources, tolerance=cfg.refine_tolerance,
+                          present=self.present(m).numpy(), index=cfg.knn_index, progress=False)
+
+    def before_validation(self, epoch: int, g, generator: torch.Generator | None = None) -> dict:
+        """The release's new-items setting, before each validation (its ``generate_missing_modal_infer`` and,
+        with ``infer_adj_update``, ``update_adj_infer``): overwrite the raw rows of the new items that miss a
+        modality with features generated on the inference graphs (Eq. 12–15) and, when ``epoch + 1`` is a
+        multiple of ``refresh_every``, refine their rows of the inference graphs (Eq. 16). Nothing otherwise
+        (nor with ``generate: false``)."""
+        cfg = self.config
+        if not self.inference_knn or not cfg.generate:
+            return {}
+        log: dict = {"generated_new_rows": self.generate_features(self.scoring_graph(g), self.new_item_targets,
+                                                                  generator)}
+        if (epoch + 1) % cfg.refresh_every == 0:
+            for m, rows in self.inference_refine_rows.items():
+                if len(rows):
+                    self.inference_knn[m] = self._refined(self.inference_knn[m], m, rows)
+            log["refined_new_rows"] = {m: int(len(r)) for m, r in self.inference_refine_rows.items()}
+        return log
 
     def present(self, modality: str) -> torch.Tensor:
         return getattr(self, f"present_{modality}")
