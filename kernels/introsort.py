@@ -28,39 +28,33 @@ _SMALL = 15
 
 
 @numba.njit(cache=True)
+def _sift_down(v, order, base, tmp, i, n):
+    """Put ``tmp`` at position ``i`` of the max-heap ``order[base + 1 .. base + n]`` (by ``v``), moving the
+    larger child up until ``tmp`` is not smaller than it (numpy's ``aheapsort`` inner loop)."""
+    j = i << 1
+    while j <= n:
+        if j < n and v[order[base + j]] < v[order[base + j + 1]]:
+            j += 1
+        if v[tmp] < v[order[base + j]]:
+            order[base + i] = order[base + j]
+            i = j
+            j += j
+        else:
+            break
+    order[base + i] = tmp
+
+
+@numba.njit(cache=True)
 def _heap_argsort(v, order, lo, n):
     """Heap sort of ``order[lo:lo + n]`` by ``v`` (numpy's ``aheapsort``, 1-based heap)."""
     base = lo - 1
     for start in range(n >> 1, 0, -1):
-        tmp = order[base + start]
-        i = start
-        j = start << 1
-        while j <= n:
-            if j < n and v[order[base + j]] < v[order[base + j + 1]]:
-                j += 1
-            if v[tmp] < v[order[base + j]]:
-                order[base + i] = order[base + j]
-                i = j
-                j += j
-            else:
-                break
-        order[base + i] = tmp
+        _sift_down(v, order, base, order[base + start], start, n)
     while n > 1:
         tmp = order[base + n]
         order[base + n] = order[base + 1]
         n -= 1
-        i = 1
-        j = 2
-        while j <= n:
-            if j < n and v[order[base + j]] < v[order[base + j + 1]]:
-                j += 1
-            if v[tmp] < v[order[base + j]]:
-                order[base + i] = order[base + j]
-                i = j
-                j += j
-            else:
-                break
-        order[base + i] = tmp
+        _sift_down(v, order, base, tmp, 1, n)
 
 
 @numba.njit(cache=True)
