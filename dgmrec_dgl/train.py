@@ -634,11 +634,9 @@ def evaluate_embeddings(user: torch.Tensor, item: torch.Tensor, dataset: Dataset
     the split only, drawn with ``config.train.seed`` (the same users at every validation).
     """
     groups = dataset.mask.n_missing() if by_missing_level and dataset.mask is not None else None
-    with torch.no_grad():
-        return evaluate(None, dataset, split, config.eval.ks, factors=(user, item),
-                        budget_bytes=config.eval.budget_mb << 20, item_groups=groups,
-                        user_sample=user_sample, seed=config.train.seed,
-                        masks_valid=config.eval.test_masks_valid, progress=progress)
+    return evaluate(None, dataset, split, config.eval.ks, factors=(user, item),      # evaluate runs without grad
+                    budget_bytes=config.eval.budget_mb << 20, item_groups=groups, user_sample=user_sample,
+                    seed=config.train.seed, masks_valid=config.eval.test_masks_valid, progress=progress)
 
 
 def load_run(run_dir: str):

@@ -227,23 +227,21 @@ class DGMRec(Recommender):
                                        candidates=config.knn_candidates, index=config.knn_index, seed=seed)
 
         knn = graphs(dataset.present)
-        targets, extra = {}, {}
+        generated = {}                         # modality -> items whose raw rows generation writes
         for m in dataset.modalities:
             if dataset.mask is None:
-                rows = np.empty(0, np.int64)
+                generated[m] = np.empty(0, np.int64)
             elif config.generate_multi_missing:
-                rows = np.flatnonzero(~dataset.present[m])
+                generated[m] = np.flatnonzero(~dataset.present[m])
             else:
-                rows = dataset.mask.missing_exactly(m)
-            if dataset.new_items is not None:
-                rows = np.setdiff1d(rows, dataset.new_items)
-            targets[m] = rows
+                generated[m] = dataset.mask.missing_exactly(m)
+        targets, extra = dict(generated), {}
+        if dataset.new_items is not None:
+            targets = {m: np.setdiff1d(rows, dataset.new_items) for m, rows in generated.items()}
         if dataset.new_items is not None and dataset.new_items_protocol == "release":
             old = np.ones(dataset.n_items, dtype=bool)
             old[dataset.new_items] = False
-            new_targets = {m: np.intersect1d(np.flatnonzero(~dataset.present[m]) if config.generate_multi_missing
-                                             else dataset.mask.missing_exactly(m), dataset.new_items)
-                           if dataset.mask is not None else np.empty(0, np.int64) for m in dataset.modalities}
+            new_targets = {m: np.intersect1d(rows, dataset.new_items) for m, rows in generated.items()}
             extra = {"inference_knn": knn, "new_items": dataset.new_items, "new_item_targets": new_targets}
             knn = graphs({m: old & dataset.present[m] if dataset.imputation == "zero" else old
                           for m in dataset.modalities})
