@@ -108,3 +108,21 @@ def test_generator_decoder_shapes_and_perturb():
     assert torch.allclose(moved.norm(dim=1), torch.full((5,), 0.1), atol=1e-5)  # row norm of the noise = ε
     assert (torch.sign(moved) == torch.sign(x)).all()                           # pushed away from zero
     assert torch.equal(perturb(x, 0.0), x)
+
+
+def test_reconstruction_loss_equals_the_decoder_mse_in_values_and_gradients():
+    torch.manual_seed(0)
+    dec = ModalityDecoder(4, 9, bias_init="uniform").double()
+    general, specific = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    target = torch.randn(6, 9, dtype=torch.float64)
+    for inputs_need_grad in (False, True):
+        leaves = [t.clone().requires_grad_(t is target or inputs_need_grad) for t in (general, specific, target)]
+        params = list(dec.parameters())
+        ours = dec.reconstruction_loss(*leaves)
+        wanted = [p for p in params + leaves if p.requires_grad]
+        grads = torch.autograd.grad(ours * 3.0, wanted)          # a non-unit upstream gradient
+        ref = F.mse_loss(dec(*leaves[:2]), leaves[2])
+        ref_grads = torch.autograd.grad(ref * 3.0, wanted)
+        assert torch.allclose(ours, ref, rtol=1e-12, atol=0)
+        for a, b in zip(grads, ref_grads):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)

@@ -573,9 +573,9 @@ class DGMRec(Recommender):
         if cfg.recon:         # Eq. 10–11 over the items reps covers; decoder input detached
             with term("recon"):
                 parts["recon"] = cfg.recon * sum(
-                    F.mse_loss(self.decoders[m](*self._perturbed([v.item_general.detach(), v.item_specific.detach()],
-                                                                 generator)),
-                               self.raw[m] if reps.item_raw is None else reps.item_raw[m])
+                    self.decoders[m].reconstruction_loss(
+                        *self._perturbed([v.item_general.detach(), v.item_specific.detach()], generator),
+                        self.raw[m] if reps.item_raw is None else reps.item_raw[m])
                     for m, v in views.items())
         if cfg.additive:      # Eq. 12–14 on in-batch items that have the modality
             with term("gen"):
