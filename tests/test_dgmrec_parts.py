@@ -1,5 +1,6 @@
 """DGMRec's parts in isolation: encoders, CLUB, generators, losses."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -53,6 +54,29 @@ def test_info_nce_matches_its_definition():
     cos = F.cosine_similarity(a[:, None], b[None], dim=2) / 0.3
     expected = -(cos.diagonal() - cos.logsumexp(dim=1)).mean()
     torch.testing.assert_close(info_nce(a, b, 0.3), expected)
+
+
+@pytest.mark.parametrize("temperature", [0.3, 0.01])     # 0.01: exponents past float32's range, row maxima
+def test_info_nce_gradients_match_the_composed_cross_entropy(temperature):
+    torch.manual_seed(1)
+    a = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    ours = info_nce(a, b, temperature)
+    grads = torch.autograd.grad(ours * 1.7, (a, b))
+    logits = (F.normalize(a, dim=1) / temperature) @ F.normalize(b, dim=1).T
+    ref = F.cross_entropy(logits, torch.arange(40))
+    ref_grads = torch.autograd.grad(ref * 1.7, (a, b))
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13)
+
+
+def test_info_nce_backward_runs_once():
+    a = torch.randn(8, 4, requires_grad=True)
+    loss = info_nce(a, torch.randn(8, 4), 0.2)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        loss.backward()
 
 
 def test_info_nce_is_small_for_aligned_and_large_for_shuffled_pairs():

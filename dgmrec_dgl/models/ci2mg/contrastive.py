@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..dgmrec.losses import info_nce
+
 
 def modality_contrastive(q: torch.Tensor, q_hat: torch.Tensor, temperature: float = 1.0,
                          release: bool = False) -> torch.Tensor:
@@ -27,5 +29,4 @@ def modality_contrastive(q: torch.Tensor, q_hat: torch.Tensor, temperature: floa
     if release:
         pos = torch.exp(F.cosine_similarity(q, q_hat, dim=1) / temperature)
         return -torch.log(pos / (pos + pos)).mean()
-    logits = F.normalize(q, dim=1) @ F.normalize(q_hat, dim=1).T / temperature
-    return F.cross_entropy(logits, torch.arange(len(q), device=q.device))
+    return info_nce(q, q_hat, temperature)
