@@ -33,7 +33,9 @@ that size. Stages, in the order they execute in the second process:
    wall and CPU seconds, steps per second, the median and 90th-percentile step, and where the time went:
    ``sampler_busy_s`` (the sampler thread drawing blocks, overlapped with the steps), ``step_wait_s`` (steps
    waiting for a batch), ``step_compute_s`` and their shares of the epoch (``--sample-ahead`` batches are
-   drawn ahead; 0 measures without overlap).
+   drawn ahead; 0 measures without overlap). ``--epoch-steps N`` stops the epoch after N steps instead
+   (``kind = partial``: the seconds of those steps, not an epoch), so that the later stages (refinement,
+   evaluation) can be measured on a model that trained when a whole epoch does not fit the session.
    Other modes: 1 warm-up step (lazy graph formats, Adam state; reported, not counted), then ``--steps``
    (5) timed steps. If the projected epoch is shorter than ``--full-epoch-budget`` seconds a complete epoch
    is then run and its wall time reported (``kind = measured``); otherwise the epoch is **extrapolated**
@@ -541,8 +543,8 @@ def _train_epoch(model, dataset, config, spec: dict, rec: dict, before_epoch: bo
                    sampler_busy_s=timing["sample"], step_wait_s=timing["wait"])
         return out
 
-    if mode == "sampled":     # always a whole epoch, measured
-        r = run(0)
+    if mode == "sampled":     # a whole epoch, measured (or the first --epoch-steps steps, kind "partial")
+        r = run(0, spec.get("epoch_steps"))
         step_s = r.pop("step_s")
         r.pop("step_cpu_s")
         compute = sum(step_s)
@@ -550,7 +552,8 @@ def _train_epoch(model, dataset, config, spec: dict, rec: dict, before_epoch: bo
         rec.update(history_every=histories[0].every if histories else 0,
                    history_refreshes=max((h.refreshes for h in histories), default=0),
                    history_refresh_s=sum(h.seconds for h in histories))
-        rec.update(r, kind="measured", batch_size=tcfg.batch_size, sample_ahead=spec["sample_ahead"],
+        rec.update(r, kind="measured" if r["steps"] == r["steps_per_epoch"] else "partial",
+                   batch_size=tcfg.batch_size, sample_ahead=spec["sample_ahead"],
                    median_step_s=statistics.median(step_s), p90_step_s=float(np.percentile(step_s, 90)),
                    steps_per_s=r["steps"] / (compute + r["step_wait_s"]), step_compute_s=compute,
                    sampling_share=r["sampler_busy_s"] / r["seconds"],
@@ -865,7 +868,8 @@ def plot(rows: list[dict], path: Path) -> None:
     """Log-log wall seconds, CPU seconds and peak RSS / disk GB per stage vs catalog size.
 
     One line per stage and pair of widths (solid: 4096-d image and 384-d text, then dashed, dotted,
-    dash-dotted for the reduced pairs, widest first); hollow markers are extrapolated seconds.
+    dash-dotted for the reduced pairs, widest first); hollow markers are extrapolated seconds. A partial
+    epoch (``--epoch-steps``) is drawn in the memory panel only.
     """
     import matplotlib
 
@@ -887,7 +891,8 @@ def plot(rows: list[dict], path: Path) -> None:
             color = f"C{i}"
             xs = [r["n"] for r in pts]
             for ax, key in ((axes[0], "seconds"), (axes[1], "cpu_seconds")):
-                cpts = [r for r in pts if r.get(key) is not None]
+                # a partial epoch's seconds are not an epoch's: memory only
+                cpts = [r for r in pts if r.get(key) is not None and r.get("kind") != "partial"]
                 ax.plot([r["n"] for r in cpts], [r[key] for r in cpts], style, color=color, label=label)
                 for r in cpts:
                     hollow = r.get("kind") == "extrapolated"
@@ -918,6 +923,8 @@ def fmt_cell(r: dict) -> str:
     if r.get("status") != "ok":
         return str(r.get("status", "-"))[:36]
     mark = "*" if r.get("kind") == "extrapolated" else ""
+    if r.get("kind") == "partial":
+        mark = f" ({json.loads(r.get('details') or '{}').get('steps')} steps)"
     cpu = f" [{r['cpu_seconds']:.0f}]" if r.get("cpu_seconds") is not None else ""
     return f"{r['seconds']:.1f}{mark}{cpu} s / {r['peak_rss_gb']:.2f} GB"
 
@@ -995,6 +1002,9 @@ def main(argv=None) -> int:
     p.add_argument("--history-every", type=int, default=500,
                    help="sampled mode: model.history_every of both models (steps between refreshes of the historical "
                         "embeddings; 0: every layer sampled, no histories)")
+    p.add_argument("--epoch-steps", type=int, default=None,
+                   help="sampled mode: stop each model's epoch after this many steps (the row's kind is "
+                        "'partial', not a measured epoch); for measuring the later stages on a model that trained")
     p.add_argument("--sample-ahead", type=int, default=2,
                    help="sampled mode: batches drawn ahead of the step by the sampler thread (0: no overlap)")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -1048,7 +1058,7 @@ def main(argv=None) -> int:
                 users_per_item=USERS_PER_ITEM, mean_interactions=MEAN_INTERACTIONS,
                 missing_ratio=args.missing_ratio, feature_dtype_on_disk="float16", feature_dtype=args.feature_dtype,
                 reduce=args.reduce, reduce_dims=args.reduce_dims, steps=args.steps, warmup_steps=1,
-                full_epoch_budget_s=args.full_epoch_budget, eval_sample=args.eval_sample,
+                full_epoch_budget_s=args.full_epoch_budget, epoch_steps=args.epoch_steps, eval_sample=args.eval_sample,
                 eval_budget_s=args.eval_budget, headroom_gb=args.headroom_gb, threads=args.threads or "default",
                 omp_wait_policy=args.omp_wait_policy, seed=args.seed, cpus=os.cpu_count(),
                 ram_gb=vm.total / GB, available_gb_at_start=vm.available / GB, argv=sys.argv[1:],
@@ -1081,7 +1091,7 @@ def main(argv=None) -> int:
                         execution=args.execution, stages=stages, ignore_estimates=args.ignore_estimates,
                         sample_ahead=args.sample_ahead, fanouts=args.fanouts,
                         user_items_sample=args.user_items_sample, item_users_sample=args.item_users_sample,
-                        history_every=args.history_every)
+                        history_every=args.history_every, epoch_steps=args.epoch_steps)
             print(f"[{time.time() - t_start:7.1f}s] {n:,} items: trained at {width_label(tuple(dims.values()))}"
                   + (f" (PCA, reduce_dims={reduce_dims})" if reduce_dims else " (full width)")
                   + f", stages {','.join(stages)}", flush=True)

@@ -195,3 +195,18 @@ def test_a_sampled_run_measures_whole_epochs_whatever_the_budget(scale, tiny_dat
         # historical embeddings by default: refreshed once at the epoch start (fewer steps than 500)
         assert details["history_every"] == 500 and details["history_refreshes"] == 1
         assert details["history_refresh_s"] > 0
+
+
+def test_epoch_steps_stops_a_sampled_epoch_and_labels_it_partial(scale, tiny_data):
+    work, out = tiny_data
+    assert scale.main(["--sizes", "300", "--work", str(work), "--reuse-data", "--out", str(out),
+                       "--stages", "lightgcn_epoch", "--execution", "sampled", "--epoch-steps", "2",
+                       "--threads", "1"]) == 0
+    with open(out / "scale.json") as fh:
+        doc = json.load(fh)
+    row = {r["stage"]: r for r in doc["rows"] if scale.widths(r) == (4096, 384)}["lightgcn_epoch"]
+    details = json.loads(row["details"])
+    assert details["steps_per_epoch"] > 2 and details["steps"] == 2
+    assert row["status"] == "ok" and row["kind"] == "partial"           # never reported as an epoch
+    assert doc["meta"]["epoch_steps"] == 2
+    assert "(2 steps)" in scale.fmt_cell(row)
