@@ -72,6 +72,9 @@ class TrainConfig:
     # Stop once the validations without improvement reach `patience` (ours) or exceed it (the release's
     # early_stopping: `cur_step > stopping_step`, one validation more). None: model.fidelity's choice.
     patience_rule: str | None = None
+    # BPR negatives drawn among every item (ours) or among the items with train rows (the release's
+    # sampler, in every setting: its train loader draws from the train file's items). None: model.fidelity's.
+    negatives: str | None = None
     seed: int = 999
     device: str = "cpu"
     threads: int = 0                   # torch threads; 0 = torch's default
@@ -339,6 +342,7 @@ FIDELITY: dict[str, tuple[object, object]] = {
     "score_with_refined_graph": (True, False),
     "refine_sources": ("present", "all"),
     "patience_rule": ("reach", "exceed"),
+    "negatives": ("all", "train_items"),
 }
 FIDELITIES = ("paper", "release")
 #: switches whose release value is that of the release's separate 3-modality code (TikTok); with fewer
@@ -460,6 +464,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "threads": at_least(0),                           # 0: torch's default
         "precision": one_of(*PRECISIONS),
         "patience_rule": one_of(*FIDELITY["patience_rule"]),      # reach (ours) | exceed (release)
+        "negatives": one_of(*FIDELITY["negatives"]),              # all (ours) | train_items (release)
         "keep_freed_memory": ANY,
         "sample_ahead": at_least(0),                      # 0: no overlap of sampling and compute
     },

@@ -106,6 +106,9 @@ def check_request(config: Config, part_config: str, ip_config: str | None) -> di
     if config.train.weight_decay:
         raise DataError("config", "train.weight_decay", "DGL's distributed SparseAdam has no weight decay",
                         "set train.weight_decay: 0")
+    if config.train.negatives == "train_items":
+        raise DataError("config", "train.negatives", "train_items is not supported on partitions (each trainer "
+                        "draws among every item)", "set train.negatives: all")
     partition = read_partition_config(part_config)
     for name in (ID_MAP, SUMMARY):
         path = os.path.join(os.path.dirname(os.path.abspath(part_config)), name)

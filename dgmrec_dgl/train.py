@@ -423,7 +423,7 @@ def run_epoch(s: Session, epoch: int, *, progress: bool = False) -> dict:
     t0 = time.perf_counter()
     s.g, record["before_epoch"] = model.before_epoch(epoch, s.g, s.generator)
     t1 = time.perf_counter()
-    triples = epoch_triples(s.dataset, tcfg.seed, epoch)
+    triples = epoch_triples(s.dataset, tcfg.seed, epoch, train_switch(s.config, "negatives"))
     n_batches = math.ceil(len(triples[0]) / tcfg.batch_size)
     sums: dict[str, float] = {}
     timing: dict[str, float] = {}
@@ -446,14 +446,23 @@ def run_epoch(s: Session, epoch: int, *, progress: bool = False) -> dict:
     return record
 
 
-def epoch_triples(dataset: Dataset, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def epoch_triples(dataset: Dataset, seed: int, epoch: int,
+                  negatives: str = "all") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The BPR triples ``(users, pos, neg)`` of one epoch, int64 ``[n_train]`` each: every train pair once in
     a seeded order, each with one uniform negative outside the user's train items, drawn among
-    :func:`~dgmrec_dgl.data.new_items.negative_candidates` (never a new item in the release's new-items
-    setting). Every execution mode and the data-parallel shards train on these."""
+    :func:`~dgmrec_dgl.data.new_items.negative_candidates` (``negatives``: ``all`` items or ``train_items``;
+    never a new item in the release's new-items setting). Every execution mode and the data-parallel shards
+    train on these."""
     train_csr = dataset.train_matrix()
+    candidates = negative_candidates(dataset, negatives)
     return tuple(torch.from_numpy(a) for a in bpr_triples(train_csr.indptr, train_csr.indices, dataset.n_items,
-                                                         seed * 100003 + epoch, negative_candidates(dataset)))
+                                                         seed * 100003 + epoch, candidates))
+
+
+def train_switch(config: Config, name: str):
+    """The value of the train section's :data:`~dgmrec_dgl.config.FIDELITY` switch ``name`` under the
+    model's ``fidelity`` (``paper`` for models without one)."""
+    return getattr(resolve_fidelity(config.train, getattr(config.model, "fidelity", "paper")), name)
 
 
 def validate_and_keep_best(s: Session, epoch: int, record: dict, *, progress: bool = False,
@@ -485,7 +494,7 @@ def validate_and_keep_best(s: Session, epoch: int, record: dict, *, progress: bo
     else:
         state.bad_validations += 1
         # reach patience (ours), or exceed it as the release's early_stopping does (train.patience_rule)
-        rule = resolve_fidelity(config.train, getattr(config.model, "fidelity", "paper")).patience_rule
+        rule = train_switch(config, "patience_rule")
         state.stopped = state.bad_validations >= config.train.patience + (rule == "exceed")
 
 

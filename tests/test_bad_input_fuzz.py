@@ -82,6 +82,7 @@ CONFIG_CASES = [
     (None, "model", "perturb_over", "each"), (None, "model", "linear_bias_init", "xavier"),
     (None, "model", "ui_align_audio", "both"), (None, "model", "refine_rows", "all"),
     (None, "model", "score_with_refined_graph", "maybe"), (None, "train", "patience_rule", "'>'"),
+    (None, "train", "negatives", "new_items"),
     # LightGCN, MF-BPR
     ("lightgcn", "model", "n_layers", "-1"), ("lightgcn", "model", "embedding_dim", "0"),
     ("lightgcn", "model", "reg", "-1.0e-4"),

@@ -473,7 +473,7 @@ def test_fidelity_sets_the_switches_left_none_and_explicit_values_win():
     release2 = resolve_fidelity(DGMRecConfig(fidelity="release"), "release", 2)
     release3 = resolve_fidelity(DGMRecConfig(fidelity="release"), "release", 3)
     for key, (ours, theirs) in FIDELITY.items():
-        if key == "patience_rule":
+        if key in ("patience_rule", "negatives"):         # TrainConfig switches, below
             continue
         assert getattr(paper, key) == ours and getattr(release3, key) == theirs, key
         # the 3-modality choices are the release's only where it runs its 3-modality code
@@ -484,6 +484,8 @@ def test_fidelity_sets_the_switches_left_none_and_explicit_values_win():
     from dgmrec_dgl.config import TrainConfig
     assert resolve_fidelity(TrainConfig(), "release").patience_rule == "exceed"
     assert resolve_fidelity(TrainConfig(patience_rule="reach"), "release").patience_rule == "reach"
+    assert resolve_fidelity(TrainConfig(), "release").negatives == "train_items"
+    assert resolve_fidelity(TrainConfig(), "paper").negatives == "all"
     # the model reads its config resolved: fidelity alone is enough
     torch.manual_seed(0)
     model = DGMRec.from_dataset(tiny(3), DGMRecConfig(**BASE, fidelity="release"))

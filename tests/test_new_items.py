@@ -348,3 +348,23 @@ def test_a_resumed_new_items_run_equals_the_uninterrupted_one(sparse_dir, tmp_pa
     assert part["valid"] == whole["valid"] and part["test"] == whole["test"]
     log = [json.loads(line) for line in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
     assert "refined_new_rows" in log[1]["before_validation"]
+
+
+def test_negatives_switch_draws_among_train_items_in_every_setting():
+    """train.negatives: train_items (the release's sampler) never draws an item without train rows; the
+    default draws among every item and does hit them on the full TikTok file (465 items have none)."""
+    import dgmrec_dgl.train as trainer
+    from dgmrec_dgl.config import load_config
+
+    ds = Dataset.load(shared_split("tiktok"), inter="tiktok.inter")
+    untrained = np.flatnonzero(ds.item_train_counts() == 0)
+    assert len(untrained) == 465
+    assert negative_candidates(ds) is None
+    np.testing.assert_array_equal(negative_candidates(ds, "train_items"), np.flatnonzero(ds.item_train_counts() > 0))
+    assert np.isin(trainer.epoch_triples(ds, 7, 0)[2].numpy(), untrained).any()
+    assert not np.isin(trainer.epoch_triples(ds, 7, 0, "train_items")[2].numpy(), untrained).any()
+    # the switch follows model.fidelity unless given
+    assert trainer.train_switch(load_config(None, {"model": {"fidelity": "release"}}), "negatives") == "train_items"
+    assert trainer.train_switch(load_config(None, {}), "negatives") == "all"
+    assert trainer.train_switch(load_config(None, {"model": {"fidelity": "release"}, "train": {"negatives": "all"}}),
+                                "negatives") == "all"

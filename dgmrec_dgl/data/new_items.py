@@ -196,9 +196,11 @@ def new_items_setting(dataset: Dataset, *, protocol: str = "release", seed: int 
     return restrict_to_new_items(dataset, new, protocol=protocol)
 
 
-def negative_candidates(dataset: Dataset) -> np.ndarray | None:
-    """The items a BPR negative may be: in the release's new-items setting the items with train rows (so
-    never a new item); otherwise None (every item)."""
-    if dataset.new_items is None or dataset.new_items_protocol != "release":
+def negative_candidates(dataset: Dataset, negatives: str = "all") -> np.ndarray | None:
+    """The items a BPR negative may be: the items with train rows under ``negatives="train_items"`` (the
+    release's sampler) and always in the release's new-items setting (so never a new item); otherwise None
+    (every item)."""
+    release_new_items = dataset.new_items is not None and dataset.new_items_protocol == "release"
+    if negatives != "train_items" and not release_new_items:
         return None
     return np.flatnonzero(dataset.item_train_counts() > 0).astype(np.int64)
