@@ -134,9 +134,10 @@ class InnerProductRanker:
                 r, c = position[rows[lo:hi]], ranks[lo:hi] - start
                 keep = r >= 0
                 scores[r[keep], c[keep]] = -torch.inf
-            merged = torch.cat([values[active], scores], dim=1)
-            top = torch.topk(merged, k, dim=1)
-            candidates = torch.cat([slots[active], torch.arange(start, stop).expand(len(active), -1)], dim=1)
+            # the block's own k best, merged with the k kept so far: [A, 2k], not [A, k + block]
+            best = torch.topk(scores, min(k, stop - start), dim=1)
+            top = torch.topk(torch.cat([values[active], best.values], dim=1), k, dim=1)
+            candidates = torch.cat([slots[active], best.indices + start], dim=1)
             values[active] = top.values
             slots[active] = candidates.gather(1, top.indices)
         return self.order[slots]
