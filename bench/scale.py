@@ -50,7 +50,8 @@ that size. Stages, in the order they execute in the second process:
    (ranking seconds of the sample) x (test users / sampled users)``, else the full pass is run and
    measured. From 100,000 items the ranking skips the items no user can rank
    (:class:`dgmrec_dgl.evaluate.InnerProductRanker`, exact); ``scored_share`` records the share of user-item
-   scores it computed.
+   scores it computed. ``lightgcn_evaluate``: the same pass for the LightGCN model of ``lightgcn_epoch``
+   (run right after it), a whole pass of a model that trained a whole sampled epoch at 1M items.
 7. Peak RSS: a background thread samples the process's RSS every 50 ms; ``peak_rss_gb`` is the largest
    sample during the stage (the process total, including what earlier stages left allocated, see
    ``rss_start_gb``); ``hwm_rss_gb`` is the kernel's high-water mark (``ru_maxrss``) at the stage's end.
@@ -86,7 +87,7 @@ image=64,text=64``) DGMRec's stage peaks at 16.1 GB, refinement at 8.1 GB and ev
 
 Partial runs: ``--stages`` runs a subset of the stages and every stage they depend on (``evaluate``
 needs ``generate``, ``load``, ``knn`` and ``dgmrec_epoch``; ``lightgcn_epoch`` only ``generate`` and
-``load``). ``--reuse-data`` skips the generation where ``--work/scale<n>`` already holds the finished
+``load``; ``lightgcn_evaluate`` those and ``lightgcn_epoch``). ``--reuse-data`` skips the generation where ``--work/scale<n>`` already holds the finished
 dataset of that size and seed (its ``synthetic.json`` and every file it names; the data are then kept):
 the ``generate`` row is then the one an earlier run measured for that size (at any widths: generation
 does not depend on them; its ``run`` column says which run), or, when the results hold none, a row
@@ -146,9 +147,9 @@ QUICK_SIZES = [50_000]
 DIMS = {"image": 4096, "text": 384}
 USERS_PER_ITEM = 2
 MEAN_INTERACTIONS = 20.0
-STAGES = ("generate", "load", "knn", "lightgcn_epoch", "dgmrec_epoch", "refine", "evaluate")
-DEPENDS = {"load": "generate", "knn": "load", "lightgcn_epoch": "load", "dgmrec_epoch": "knn",
-           "refine": "dgmrec_epoch", "evaluate": "dgmrec_epoch"}
+STAGES = ("generate", "load", "knn", "lightgcn_epoch", "lightgcn_evaluate", "dgmrec_epoch", "refine", "evaluate")
+DEPENDS = {"load": "generate", "knn": "load", "lightgcn_epoch": "load", "lightgcn_evaluate": "lightgcn_epoch",
+           "dgmrec_epoch": "knn", "refine": "dgmrec_epoch", "evaluate": "dgmrec_epoch"}
 EXECUTIONS = ("full", "blocks", "sampled", "auto")
 RESULTS = Path(__file__).resolve().parent / "results"
 GB = 1024 ** 3
@@ -234,7 +235,7 @@ def estimate_gb(stage: str, shape: dict, dims: dict[str, int], mode: str = "full
         need = kept + MEM["per_interaction_read"] * inter + 50_000 * max(DIMS.values()) * 4
     elif stage == "knn":
         need = kept + graphs + MEM["knn_per_item_dim"] * n * max(dims.values())
-    elif stage == "lightgcn_epoch":
+    elif stage in ("lightgcn_epoch", "lightgcn_evaluate"):
         need = kept + graphs + MEM["lightgcn_per_node"] * (n + u) + MEM["lightgcn_per_interaction"] * train
     elif stage in ("dgmrec_epoch", "refine", "evaluate"):
         # refinement and evaluation run after the training steps and need less than they did; the dataset's
@@ -707,8 +708,12 @@ def worker_pipeline(spec: dict) -> None:
             model = build_model(lg_config, dataset)
             r["model_init_s"] = time.perf_counter() - t
             r["mode"] = _mode(model)
-            _train_epoch(model, dataset, lg_config, spec, r, before_epoch=False)
-        del model
+            g = _train_epoch(model, dataset, lg_config, spec, r, before_epoch=False)
+        est = estimate_gb("lightgcn_evaluate", shape, dims)
+        if "lightgcn_evaluate" in stages and rec.check("lightgcn_evaluate", est):
+            with rec.stage("lightgcn_evaluate", est) as r:
+                _evaluate(model, g, dataset, lg_config, spec, r)
+        del model, g
 
     # 4b. DGMRec (from_dataset reuses the graphs of stage 3)
     est = estimate_gb("dgmrec_epoch", shape, dims, mode)

@@ -58,6 +58,7 @@ def test_training_mode_follows_the_config(scale):
 def test_stages_with_dependencies(scale):
     assert scale.with_dependencies(["evaluate"]) == ["generate", "load", "knn", "dgmrec_epoch", "evaluate"]
     assert scale.with_dependencies(["lightgcn_epoch", "generate"]) == ["generate", "load", "lightgcn_epoch"]
+    assert scale.with_dependencies(["lightgcn_evaluate"]) == ["generate", "load", "lightgcn_epoch", "lightgcn_evaluate"]
     assert scale.with_dependencies(scale.STAGES) == list(scale.STAGES)
     assert scale.parse_stages("refine, knn") == ["refine", "knn"]
     with pytest.raises(Exception, match="unknown stage"):
@@ -197,10 +198,10 @@ def test_a_sampled_run_measures_whole_epochs_whatever_the_budget(scale, tiny_dat
         assert details["history_refresh_s"] > 0
 
 
-def test_epoch_steps_stops_a_sampled_epoch_and_labels_it_partial(scale, tiny_data):
+def test_epoch_steps_stops_a_sampled_epoch_and_labels_it_partial_then_lightgcn_is_evaluated(scale, tiny_data):
     work, out = tiny_data
     assert scale.main(["--sizes", "300", "--work", str(work), "--reuse-data", "--out", str(out),
-                       "--stages", "lightgcn_epoch", "--execution", "sampled", "--epoch-steps", "2",
+                       "--stages", "lightgcn_evaluate", "--execution", "sampled", "--epoch-steps", "2",
                        "--threads", "1"]) == 0
     with open(out / "scale.json") as fh:
         doc = json.load(fh)
@@ -210,3 +211,6 @@ def test_epoch_steps_stops_a_sampled_epoch_and_labels_it_partial(scale, tiny_dat
     assert row["status"] == "ok" and row["kind"] == "partial"           # never reported as an epoch
     assert doc["meta"]["epoch_steps"] == 2
     assert "(2 steps)" in scale.fmt_cell(row)
+    evaluated = {r["stage"]: r for r in doc["rows"] if scale.widths(r) == (4096, 384)}["lightgcn_evaluate"]
+    assert evaluated["status"] == "ok" and evaluated["kind"] == "measured"         # the whole test pass ran
+    assert 0 <= json.loads(evaluated["details"])["recall_at_20"] <= 1
