@@ -219,3 +219,15 @@ def test_dgl_still_looks_up_the_machine_and_names_shared_memory_where_play_machi
     # a trainer without a co-located server's shared graph reads its own part over RPC
     assert "g.local_partition is not None" in inspect.getsource(graph_services._distributed_access)
     assert "disable_shared_mem" in inspect.signature(dgl.distributed.DistGraphServer).parameters
+
+
+@pytest.mark.parametrize("section, key, value, fix", [("train", "negatives", "train_items", "train.negatives: all"),
+                                                       ("train", "weight_decay", "0.01", "train.weight_decay: 0")])
+def test_a_setting_partitions_do_not_support_is_refused_before_anything_starts(parts, tmp_path, capsys, section, key,
+                                                                                value, fix):
+    root, part_config, config, _ = parts
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(f"extends: {config}\n{section}:\n  {key}: {value}\n")
+    assert_rejected(*run_cli(capsys, ["dist-launch", "--parts", 2, "--part-config", part_config, "--config", changed,
+                                      "--out", tmp_path / "r"]), f"{section}.{key}", fix)
+    assert not (tmp_path / "r").exists()
