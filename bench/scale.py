@@ -176,6 +176,12 @@ EXIT_MEMORY = 75          # the RSS thread's exit status when the process passes
 #: text 384: 7.14 vs 2.64 GB); now 16, from 1M at 256/384 (18.4 GB measured, 21.4 GB estimated; 50K at
 #: 4096/384: 6.6 measured, 4.9 estimated). The dataset's feature matrices are released once the model holds
 #: its copies.
+#: Sampled mode (``dgmrec_sampled_*``), from the two 1M runs at 256/384 with historical embeddings (2026-12-06):
+#: LightGCN's sampled epoch peaked at 8.72 GiB, which with LightGCN's 50 bytes per train interaction leaves
+#: ~1,500 bytes per node (ID table with lazy Adam moments, the history table, the sampler's CSR); DGMRec's
+#: 300 sampled steps peaked at 16.27 GiB, which on top leaves 13.5 bytes per item x feature dimension (the
+#: float32 table and its two lazy Adam moments are 12; the gradient is row-sparse). One point each: the
+#: blocks coefficients estimated 21.4 GiB there and made the stage skip under a 19.1 GiB limit.
 #: With ``SAFETY`` the training estimates are within -29% .. +22% of the measured peaks (under only at 50K,
 #: by at most 0.6 GB, where fixed costs dominate; +11% at 1M); refinement and evaluation reuse DGMRec's
 #: estimate (up to 1.1 GB under at 50K, 1.2-2.2x over at 1M); load and kNN are over-estimated by up to 3x
@@ -194,6 +200,9 @@ MEM = {
     "dgmrec_blocks_per_node": 1_800.0,
     "dgmrec_blocks_per_interaction": 50.0,
     "dgmrec_blocks_per_item_dim": 16.0,
+    "dgmrec_sampled_per_node": 1_500.0,
+    "dgmrec_sampled_per_interaction": 50.0,
+    "dgmrec_sampled_per_item_dim": 13.5,
 }
 SAFETY = 1.15
 
@@ -220,7 +229,7 @@ def estimate_gb(stage: str, shape: dict, dims: dict[str, int], mode: str = "full
     """Estimated peak RSS (GB) of the process during ``stage`` for data of ``shape``.
 
     ``shape``: n_items, n_users, n_interactions, n_train. ``dims``: modality -> width *as trained* (after
-    any reduction). ``mode``: DGMRec's training mode, ``full`` or ``blocks`` (:func:`training_mode`).
+    any reduction). ``mode``: DGMRec's training mode, ``full``, ``blocks`` or ``sampled`` (:func:`training_mode`).
     Stages run in one process, so each estimate includes what earlier stages keep alive (the dataset; the
     kNN graphs). A linear model in the counts, see :data:`MEM`.
     """
@@ -240,7 +249,7 @@ def estimate_gb(stage: str, shape: dict, dims: dict[str, int], mode: str = "full
     elif stage in ("dgmrec_epoch", "refine", "evaluate"):
         # refinement and evaluation run after the training steps and need less than they did; the dataset's
         # feature matrices are released once the model holds its float32 copies (counted per item x dim)
-        key = "dgmrec_blocks" if mode in ("blocks", "sampled") else "dgmrec"
+        key = {"blocks": "dgmrec_blocks", "sampled": "dgmrec_sampled"}.get(mode, "dgmrec")
         need = (kept - n * total_dim * itemsize + graphs
                 + MEM[f"{key}_per_node"] * (n + u) + MEM[f"{key}_per_interaction"] * train
                 + MEM[f"{key}_per_item_dim"] * n * total_dim)
