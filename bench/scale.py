@@ -510,14 +510,12 @@ def _train_epoch(model, dataset, config, spec: dict, rec: dict, before_epoch: bo
     import torch
     from tqdm import tqdm
 
-    from dgmrec_dgl.train import epoch_batches, main_optimizer, training_step
-    from kernels.sampling import bpr_triples
+    from dgmrec_dgl.train import epoch_batches, epoch_triples, main_optimizer, train_switch, training_step
 
     tcfg = config.train
     t0 = time.perf_counter()
     g = model.make_graph(dataset)
     optimizer = main_optimizer(model, config)
-    train_csr = dataset.train_matrix()
     generator = torch.Generator().manual_seed(tcfg.seed)
     rec["graph_setup_s"] = time.perf_counter() - t0
     mode = _mode(model)
@@ -533,8 +531,7 @@ def _train_epoch(model, dataset, config, spec: dict, rec: dict, before_epoch: bo
             out.update(before_epoch_s=time.perf_counter() - t, before_epoch_cpu_s=cpu_seconds() - c,
                        before_epoch_log={k: v for k, v in log.items() if k != "club_nll"})
         ts, cs = time.perf_counter(), cpu_seconds()
-        triples = tuple(torch.from_numpy(a) for a in bpr_triples(train_csr.indptr, train_csr.indices,
-                                                                  dataset.n_items, tcfg.seed * 100003 + epoch))
+        triples = epoch_triples(dataset, tcfg.seed, epoch, train_switch(config, "negatives"))
         out.update(sampling_s=time.perf_counter() - ts, sampling_cpu_s=cpu_seconds() - cs,
                    steps_per_epoch=math.ceil(len(triples[0]) / tcfg.batch_size), n_train=len(triples[0]))
         timing: dict = {}
@@ -599,10 +596,8 @@ def _evaluate(model, g, dataset, config, spec: dict, rec: dict) -> None:
     """One full-ranking test pass of ``model``: measured, or extrapolated from a user sample (docstring)."""
     import dataclasses
 
-    import torch
-
     from dgmrec_dgl.evaluate import evaluate
-    from dgmrec_dgl.train import evaluate_model
+    from dgmrec_dgl.train import evaluate_model, model_embeddings
 
     g_score = model.scoring_graph(g)
     test_users = np.unique(dataset.test[:, 0])
@@ -612,15 +607,12 @@ def _evaluate(model, g, dataset, config, spec: dict, rec: dict) -> None:
     # evaluate_model's body, with the forward pass and the ranking (set-up and user loop) timed apart; the
     # ranking's set-up (from PRUNE_MIN_ITEMS items: sorting the items by norm) is scaled with the loop, which
     # over-projects it a little
-    model.eval()
-    with torch.no_grad():
-        t0, c0 = time.perf_counter(), cpu_seconds()
-        user, item = model.fused(model(g_score))
-        t1, c1 = time.perf_counter(), cpu_seconds()
-        metrics = evaluate(None, sub, "test", config.eval.ks, budget_bytes=config.eval.budget_mb << 20,
-                           masks_valid=config.eval.test_masks_valid, factors=(user, item))
-        t2, c2 = time.perf_counter(), cpu_seconds()
-    model.train()
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    user, item = model_embeddings(model, g_score)
+    t1, c1 = time.perf_counter(), cpu_seconds()
+    metrics = evaluate(None, sub, "test", config.eval.ks, budget_bytes=config.eval.budget_mb << 20,
+                       masks_valid=config.eval.test_masks_valid, factors=(user, item))
+    t2, c2 = time.perf_counter(), cpu_seconds()
     forward_s, loop_s = t1 - t0, t2 - t1
     scale = test_users.size / n_sample
     projected = forward_s + loop_s * scale

@@ -3,7 +3,7 @@
 For every dataset and thread count, the release's best config of the dataset (``configs/dgmrec/<name>.yaml``;
 another synthetic preset: ``base.yaml``) is built as training builds it (:func:`dgmrec_dgl.train.load_dataset`,
 :func:`~dgmrec_dgl.models.build_model`, ``model.make_graph``, :func:`~dgmrec_dgl.train.main_optimizer`), BPR
-triples are drawn (:func:`kernels.sampling.bpr_triples`) and batched (:func:`~dgmrec_dgl.train.epoch_batches`),
+triples are drawn (:func:`~dgmrec_dgl.train.epoch_triples`) and batched (:func:`~dgmrec_dgl.train.epoch_batches`),
 and steps run exactly as :func:`dgmrec_dgl.train.training_step` runs them (fp32): ``zero_grad``, ``loss(
 batch_forward(...))``, ``backward``, ``optimizer.step``. The first ``--warmup`` steps are not timed; then
 
@@ -185,8 +185,7 @@ def build(name: str, work: Path, seed: int):
 
     from dgmrec_dgl.config import load_config
     from dgmrec_dgl.models import build_model
-    from dgmrec_dgl.train import load_dataset
-    from kernels.sampling import bpr_triples
+    from dgmrec_dgl.train import epoch_triples, load_dataset, train_switch
 
     folder, mask = sampled_quality.prepare(name, work)
     path = CONFIGS / f"{name}.yaml"
@@ -196,9 +195,7 @@ def build(name: str, work: Path, seed: int):
     dataset = load_dataset(config)
     model = build_model(config, dataset)
     g = model.make_graph(dataset)
-    csr = dataset.train_matrix()
-    triples = tuple(torch.from_numpy(np.asarray(a)) for a in bpr_triples(csr.indptr, csr.indices, dataset.n_items,
-                                                                         seed * 100003))
+    triples = epoch_triples(dataset, seed, 0, train_switch(config, "negatives"))
     return config, dataset, model, g, triples
 
 
