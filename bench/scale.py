@@ -36,6 +36,9 @@ that size. Stages, in the order they execute in the second process:
    drawn ahead; 0 measures without overlap). ``--epoch-steps N`` stops the epoch after N steps instead
    (``kind = partial``: the seconds of those steps, not an epoch), so that the later stages (refinement,
    evaluation) can be measured on a model that trained when a whole epoch does not fit the session.
+   ``--profile-steps N`` then profiles N more DGMRec steps (``torch.profiler``) and records each term's
+   median forward and backward seconds (``step_terms`` in the details; the terms of
+   ``bench/step_profile.py``), which says where a sampled step of that catalog goes.
    Other modes: 1 warm-up step (lazy graph formats, Adam state; reported, not counted), then ``--steps``
    (5) timed steps. If the projected epoch is shorter than ``--full-epoch-budget`` seconds a complete epoch
    is then run and its wall time reported (``kind = measured``); otherwise the epoch is **extrapolated**
@@ -521,6 +524,9 @@ def _train_epoch(model, dataset, config, spec: dict, rec: dict, before_epoch: bo
     mode = _mode(model)
     model.train()
 
+    def triples_of(epoch: int):
+        return epoch_triples(dataset, tcfg.seed, epoch, train_switch(config, "negatives"))
+
     def run(epoch: int, n_steps: int | None = None) -> dict:
         """``before_epoch`` (if asked), the epoch's triples, then its steps (the first ``n_steps`` only)."""
         nonlocal g
@@ -531,7 +537,7 @@ def _train_epoch(model, dataset, config, spec: dict, rec: dict, before_epoch: bo
             out.update(before_epoch_s=time.perf_counter() - t, before_epoch_cpu_s=cpu_seconds() - c,
                        before_epoch_log={k: v for k, v in log.items() if k != "club_nll"})
         ts, cs = time.perf_counter(), cpu_seconds()
-        triples = epoch_triples(dataset, tcfg.seed, epoch, train_switch(config, "negatives"))
+        triples = triples_of(epoch)
         out.update(sampling_s=time.perf_counter() - ts, sampling_cpu_s=cpu_seconds() - cs,
                    steps_per_epoch=math.ceil(len(triples[0]) / tcfg.batch_size), n_train=len(triples[0]))
         timing: dict = {}
@@ -552,6 +558,9 @@ def _train_epoch(model, dataset, config, spec: dict, rec: dict, before_epoch: bo
 
     if mode == "sampled":     # a whole epoch, measured (or the first --epoch-steps steps, kind "partial")
         r = run(0, spec.get("epoch_steps"))
+        if spec.get("profile_steps") and config.model.name == "dgmrec":
+            rec["step_terms"] = _profile_steps(model, g, triples_of(1), optimizer, generator, config,
+                                               spec["profile_steps"])
         step_s = r.pop("step_s")
         r.pop("step_cpu_s")
         compute = sum(step_s)
@@ -590,6 +599,33 @@ def _train_epoch(model, dataset, config, spec: dict, rec: dict, before_epoch: bo
         rec["formula"] = ("before_epoch_s + sampling_s + steps_per_epoch x median_step_s" if before_epoch else
                           "sampling_s + steps_per_epoch x median_step_s") + " (the same with CPU seconds)"
     return g
+
+
+def _profile_steps(model, g, triples, optimizer, generator, config, n_steps: int) -> dict:
+    """Where a DGMRec step of this catalog spends its time: ``n_steps`` more steps (epoch 1's first batches,
+    after one untimed step), each under ``torch.profiler``, split by term with ``bench/step_profile.py``'s
+    attribution (:func:`step_profile.attribute`); medians over the steps, in seconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import step_profile
+    from dgmrec_dgl.train import epoch_batches
+
+    batches = epoch_batches(model, g, triples, config.train.batch_size, config.train.seed, 1, ahead=0)
+    forward, backward, phases = [], [], []
+    for k, batch in enumerate(itertools.islice(batches, n_steps + 1)):
+        ph: dict = {}
+        if k == 0:
+            step_profile.step(model, g, batch, optimizer, generator)
+            continue
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step_profile.step(model, g, batch, optimizer, generator, ph)
+        f, b, _, _ = step_profile.attribute(prof.events())
+        forward.append(f)
+        backward.append(b)
+        phases.append(dict(ph, step=sum(ph.values())))
+    batches.close()
+    return {"steps": len(phases), "phases": step_profile.median_dict(phases),
+            "forward": step_profile.median_dict(forward), "backward": step_profile.median_dict(backward)}
 
 
 def _evaluate(model, g, dataset, config, spec: dict, rec: dict) -> None:
@@ -1011,6 +1047,9 @@ def main(argv=None) -> int:
     p.add_argument("--epoch-steps", type=int, default=None,
                    help="sampled mode: stop each model's epoch after this many steps (the row's kind is "
                         "'partial', not a measured epoch); for measuring the later stages on a model that trained")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="sampled mode: after DGMRec's epoch, profile this many more steps and record each term's "
+                        "median forward and backward seconds in the row's details (step_terms)")
     p.add_argument("--sample-ahead", type=int, default=2,
                    help="sampled mode: batches drawn ahead of the step by the sampler thread (0: no overlap)")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -1047,6 +1086,8 @@ def main(argv=None) -> int:
         (worker_generate if kind == "generate" else worker_pipeline)(spec)
         return 0
 
+    if args.profile_steps < 0:
+        p.error(f"--profile-steps {args.profile_steps}: give 0 (no profile) or more steps")
     sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
     if args.quick and args.reduce == "auto":
         args.reduce = "always"          # the 1M preset's widths (image PCA-256, text 384), in minutes
@@ -1064,7 +1105,8 @@ def main(argv=None) -> int:
                 users_per_item=USERS_PER_ITEM, mean_interactions=MEAN_INTERACTIONS,
                 missing_ratio=args.missing_ratio, feature_dtype_on_disk="float16", feature_dtype=args.feature_dtype,
                 reduce=args.reduce, reduce_dims=args.reduce_dims, steps=args.steps, warmup_steps=1,
-                full_epoch_budget_s=args.full_epoch_budget, epoch_steps=args.epoch_steps, eval_sample=args.eval_sample,
+                full_epoch_budget_s=args.full_epoch_budget, epoch_steps=args.epoch_steps,
+                profile_steps=args.profile_steps, eval_sample=args.eval_sample,
                 eval_budget_s=args.eval_budget, headroom_gb=args.headroom_gb, threads=args.threads or "default",
                 omp_wait_policy=args.omp_wait_policy, seed=args.seed, cpus=os.cpu_count(),
                 ram_gb=vm.total / GB, available_gb_at_start=vm.available / GB, argv=sys.argv[1:],
@@ -1097,7 +1139,8 @@ def main(argv=None) -> int:
                         execution=args.execution, stages=stages, ignore_estimates=args.ignore_estimates,
                         sample_ahead=args.sample_ahead, fanouts=args.fanouts,
                         user_items_sample=args.user_items_sample, item_users_sample=args.item_users_sample,
-                        history_every=args.history_every, epoch_steps=args.epoch_steps)
+                        history_every=args.history_every, epoch_steps=args.epoch_steps,
+                        profile_steps=args.profile_steps)
             print(f"[{time.time() - t_start:7.1f}s] {n:,} items: trained at {width_label(tuple(dims.values()))}"
                   + (f" (PCA, reduce_dims={reduce_dims})" if reduce_dims else " (full width)")
                   + f", stages {','.join(stages)}", flush=True)

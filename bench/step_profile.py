@@ -19,9 +19,8 @@ batch_forward(...))``, ``backward``, ``optimizer.step``. The first ``--warmup`` 
   backward node (``autograd::engine::evaluate_function: ...``) the sequence number of the forward op that
   recorded it, and that op sits inside one term's range. Forward time outside every range is ``other``
   (e.g. ``torch.unique``, the loss sum); backward time in no term's nodes is ``other`` too (gradient
-  accumulation into leaves, the engine itself). The forward ranges are those of full mode (``execution:
-  full``, what both datasets' sizes select); in blocks and sampled mode the representation terms of
-  ``batch_forward`` are not marked and fall into ``other``, the loss terms still are.
+  accumulation into leaves, the engine itself). Both datasets' sizes select full mode; blocks and sampled
+  mode mark the same terms in ``batch_forward`` (``bench/scale.py --profile-steps`` uses them at scale).
 
 Every figure is the median over the timed steps, in seconds (``per_step`` in the JSON keeps each profiled
 step's); shares are of the profiled step's median.

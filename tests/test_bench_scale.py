@@ -219,3 +219,21 @@ def test_epoch_steps_stops_a_sampled_epoch_and_labels_it_partial_then_lightgcn_i
     evaluated = {r["stage"]: r for r in doc["rows"] if scale.widths(r) == (4096, 384)}["lightgcn_evaluate"]
     assert evaluated["status"] == "ok" and evaluated["kind"] == "measured"         # the whole test pass ran
     assert 0 <= json.loads(evaluated["details"])["recall_at_20"] <= 1
+
+
+def test_profile_steps_splits_a_sampled_dgmrec_step_by_term(scale, tiny_data):
+    work, out = tiny_data
+    assert scale.main(["--sizes", "300", "--work", str(work), "--reuse-data", "--out", str(out),
+                       "--stages", "dgmrec_epoch", "--execution", "sampled", "--epoch-steps", "1",
+                       "--profile-steps", "2", "--threads", "1"]) == 0
+    with open(out / "scale.json") as fh:
+        doc = json.load(fh)
+    row = {r["stage"]: r for r in doc["rows"] if scale.widths(r) == (4096, 384)}["dgmrec_epoch"]
+    terms = json.loads(row["details"])["step_terms"]
+    assert terms["steps"] == 2 and doc["meta"]["profile_steps"] == 2
+    # the sampled step's representation terms are marked too, not only the loss's
+    for name in ("id_propagation", "encoders", "preference", "modality_propagation", "user_features", "ui_align"):
+        assert terms["forward"][name] > 0, name
+    assert terms["phases"]["step"] >= terms["phases"]["forward"] > 0
+    with pytest.raises(SystemExit):
+        scale.main(["--sizes", "300", "--work", str(work), "--profile-steps", "-1"])

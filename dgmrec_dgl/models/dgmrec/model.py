@@ -467,37 +467,42 @@ class DGMRec(Recommender):
         cfg = self.config
         drawn = batch.drawn
         batch_users, items = drawn["users"], drawn["items"]
-        if "id" in drawn:        # sampled: the ID branch on its blocks, only at U and pos ∪ neg
-            _, _, (user_id, item_seed) = sampled_id_branch(self.user_emb, self.item_emb, g, drawn["id"], self.history,
-                                                           cfg.n_ui_layers)
-            item_id = item_seed.new_zeros(len(items), item_seed.shape[1]).index_copy(
-                0, torch.searchsorted(items, drawn["id"]["items"]), item_seed)
-        else:
-            user_id, item_id = lightgcn(g, self.user_emb, self.item_emb, cfg.n_ui_layers)
-            user_id, item_id = torch.index_select(user_id, 0, batch_users), torch.index_select(item_id, 0, items)
+        with term("id_propagation"):
+            if "id" in drawn:        # sampled: the ID branch on its blocks, only at U and pos ∪ neg
+                _, _, (user_id, item_seed) = sampled_id_branch(self.user_emb, self.item_emb, g, drawn["id"],
+                                                               self.history, cfg.n_ui_layers)
+                item_id = item_seed.new_zeros(len(items), item_seed.shape[1]).index_copy(
+                    0, torch.searchsorted(items, drawn["id"]["items"]), item_seed)
+            else:
+                user_id, item_id = lightgcn(g, self.user_emb, self.item_emb, cfg.n_ui_layers)
+                user_id, item_id = torch.index_select(user_id, 0, batch_users), torch.index_select(item_id, 0, items)
         history = self.modality_history.read(lambda: self._modality_layers(g)) if drawn["historical"] else None
         views, item_raw = {}, {}
         for m in self.modalities:
             blocks = drawn["knn"][m]
             # I_m, whose first len(T) are T; with histories T alone (the other inputs come from the history)
             inputs = src_ids(blocks[0], "item") if blocks and history is None else items
-            if m in drawn["preference"]:                                 # sampled: Eq. 2 on drawn users
-                to_items = drawn["preference"][m]
-                user_rows = sparse_rows(self.user_emb, src_ids(to_items, "user"))
-                pref = mean_aggregate(to_items, "interacts", self.preference[m].user_preferences(user_rows))
-            else:                                                        # blocks: whole graph (1.)
-                pref = torch.index_select(self.preference[m](g, self.user_emb), 0, inputs)
-            # a sparse gradient of only I_m's rows, not a dense [n_items, d_m] one (dgmrec_dgl.optim)
-            x = sparse_rows(self.raw[m], inputs)
-            general, specific = encode(self.general, self.specific[m], m, x)
-            h = torch.cat([pref * general, pref * specific], dim=1)
-            if history is None:
-                h = propagate_modality_blocks(blocks, m, h)
-                their = torch.index_select(h, 0, torch.searchsorted(items, drawn["their_items"]))
-            else:
-                h = propagate_modality_history(blocks, m, h, history[m])
-                their = with_history(h, items, history[m][-1], drawn["their_items"])
-            hu = user_modality_features(drawn["to_users"], their)
+            with term("preference"):
+                if m in drawn["preference"]:                                 # sampled: Eq. 2 on drawn users
+                    to_items = drawn["preference"][m]
+                    user_rows = sparse_rows(self.user_emb, src_ids(to_items, "user"))
+                    pref = mean_aggregate(to_items, "interacts", self.preference[m].user_preferences(user_rows))
+                else:                                                        # blocks: whole graph (1.)
+                    pref = torch.index_select(self.preference[m](g, self.user_emb), 0, inputs)
+            with term("encoders"):
+                # a sparse gradient of only I_m's rows, not a dense [n_items, d_m] one (dgmrec_dgl.optim)
+                x = sparse_rows(self.raw[m], inputs)
+                general, specific = encode(self.general, self.specific[m], m, x)
+            with term("modality_propagation"):
+                h = torch.cat([pref * general, pref * specific], dim=1)
+                if history is None:
+                    h = propagate_modality_blocks(blocks, m, h)
+                    their = torch.index_select(h, 0, torch.searchsorted(items, drawn["their_items"]))
+                else:
+                    h = propagate_modality_history(blocks, m, h, history[m])
+                    their = with_history(h, items, history[m][-1], drawn["their_items"])
+            with term("user_features"):
+                hu = user_modality_features(drawn["to_users"], their)
             n = len(items)
             views[m] = ModalityViews(general[:n], specific[:n], pref[:n], *h.chunk(2, dim=1), *hu.chunk(2, dim=1))
             item_raw[m] = x[:n]
