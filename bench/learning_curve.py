@@ -17,6 +17,7 @@ the popularity ranker as a line) to ``--out`` (``bench/results``) and the run fo
 
     python bench/scale.py --sizes 200000 --work /data/scale --stages generate --keep-data --out /data/scale/results
     python bench/learning_curve.py --data /data/scale/scale200000          # ~1.5 h on 2 cores
+    python bench/learning_curve.py --data /data/scale/scale200000 --resume # continue a stopped run's epochs
 """
 
 from __future__ import annotations
@@ -129,6 +130,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--run", type=Path, default=Path("runs/learning_curve"), help="the training's run folder")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the training in --run from its last checkpoint (a run stopped part-way, e.g. at a "
+                        "session's end); without it --run is started afresh")
     args = p.parse_args(argv)
     if not (args.data / "synthetic.json").exists():
         print(f"error: {args.data}: synthetic.json: not found; fix: make the data with bench/scale.py "
@@ -143,8 +147,8 @@ def main(argv=None) -> int:
     untrained, popular, counts = untrained_and_popularity(config)
     print(f"untrained valid R@20 {untrained['recall@20']:.4f}, popularity {popular['recall@20']:.4f} "
           f"({time.perf_counter() - t:.0f} s)", flush=True)
-    with claimed(config, args.run, overwrite=True):
-        train(config, str(args.run), progress=True)
+    with claimed(config, args.run, overwrite=not args.resume, resume=args.resume):
+        train(config, str(args.run), resume=args.resume, progress=True)
     rows = curve_rows(args.run, untrained, popular)
     meta = {**counts, "user_sample": args.user_sample, "epochs": args.epochs, "history_every": args.history_every,
             "reduce_dims": args.reduce_dims, "seed": args.seed, "threads": args.threads, "data": str(args.data),

@@ -42,3 +42,18 @@ def test_a_folder_without_synthetic_data_is_refused_in_one_line(tmp_path, capsys
     assert load().main(["--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "synthetic.json" in err[0]
+
+
+def test_resume_continues_a_stopped_run_and_keeps_its_epochs(sparse_dir, tmp_path):
+    curve = load()
+    out, run = tmp_path / "out", tmp_path / "run"
+    common = ["--data", str(sparse_dir), "--user-sample", "60", "--reduce-dims", "16", "--history-every", "3",
+              "--threads", "1", "--run", str(run), "--out", str(out)]
+    assert curve.main(common + ["--epochs", "1"]) == 0
+    first = (run / "log.jsonl").read_text().splitlines()
+    assert curve.main(common + ["--epochs", "2", "--resume"]) == 0
+    log = (run / "log.jsonl").read_text().splitlines()
+    assert len(log) == 2 and log[0] == first[0]          # epoch 1 kept as it ran (its seconds too), not retrained
+    rows = json.loads((out / "learning_curve.json").read_text())["rows"]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert rows[1]["recall@20"] == json.loads(first[0])["valid"]["recall@20"]
