@@ -89,6 +89,9 @@ class TrainConfig:
     # Sampled mode: batches drawn ahead of the step by a background thread (0: draw each batch after the
     # previous step, no overlap). See dgmrec_dgl.train.epoch_batches.
     sample_ahead: int = 2
+    # Stop every epoch after this many steps (0: every batch): smoke runs and benchmarks of catalogs whose
+    # epochs are long (bench/dist_scale.py); the log records the steps each epoch ran.
+    epoch_steps: int = 0
 
     def __setattr__(self, name, value):
         if name == "precision":
@@ -467,6 +470,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "negatives": one_of(*FIDELITY["negatives"]),              # all (ours) | train_items (release)
         "keep_freed_memory": ANY,
         "sample_ahead": at_least(0),                      # 0: no overlap of sampling and compute
+        "epoch_steps": at_least(0),                       # 0: every batch of the epoch
     },
     "eval": {
         "ks": Rule("a non-empty list of integers >= 1", lambda v: len(v) > 0 and all(k >= 1 for k in v)),

@@ -424,7 +424,10 @@ def run_epoch(s: Session, epoch: int, *, progress: bool = False) -> dict:
     s.g, record["before_epoch"] = model.before_epoch(epoch, s.g, s.generator)
     t1 = time.perf_counter()
     triples = epoch_triples(s.dataset, tcfg.seed, epoch, train_switch(s.config, "negatives"))
+    if tcfg.epoch_steps:            # the epoch's first epoch_steps batches only
+        triples = tuple(t[:tcfg.epoch_steps * tcfg.batch_size] for t in triples)
     n_batches = math.ceil(len(triples[0]) / tcfg.batch_size)
+    record["steps"] = n_batches
     sums: dict[str, float] = {}
     timing: dict[str, float] = {}
     if s.world.size == 1:

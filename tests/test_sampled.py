@@ -233,3 +233,20 @@ def test_bad_sampling_values_exit_2_with_one_line(tiny_dir, tmp_path, capsys, mo
 def test_ci2mg_refuses_sampled_mode():
     with pytest.raises(DataError, match="ci2mg trains only in full mode"):
         load_config("configs/ci2mg/base.yaml", {"model": {"execution": "sampled"}})
+
+
+def test_epoch_steps_stops_each_epoch_after_that_many_steps(sparse_dir, tmp_path):
+    from dgmrec_dgl.train import train
+
+    def run(name: str, steps: int) -> list[dict]:
+        config = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "lightgcn" / "base.yaml"),
+                             {"data": {"dir": str(sparse_dir), "missing_ratio": 0.5},
+                              "train": {"epochs": 2, "batch_size": 256, "eval_every": 1, "threads": 1,
+                                        "epoch_steps": steps},
+                              "model": {"execution": "sampled"}})
+        train(config, str(tmp_path / name), progress=False)
+        return [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+
+    whole, capped = run("whole", 0), run("capped", 2)
+    assert whole[0]["steps"] > 2 and [r["steps"] for r in capped] == [2, 2]
+    assert capped[0]["loss"]["bpr"] != whole[0]["loss"]["bpr"]         # the mean of 2 steps, not of the epoch
