@@ -126,12 +126,14 @@ class Representations:
     def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 17–18: final user and item representations."""
         views = list(self.modalities.values())
-        n = len(views) + 1
-        item_mm = (torch.stack([v.item_general for v in views]).mean(0)
-                   + sum(v.item_specific for v in views)) / n
-        user_mm = (torch.stack([v.user_general for v in views]).mean(0)
-                   + sum(v.user_specific for v in views)) / n
-        return self.user_id + user_mm, self.item_id + item_mm
+        return (fuse(self.user_id, [v.user_general for v in views], [v.user_specific for v in views]),
+                fuse(self.item_id, [v.item_general for v in views], [v.item_specific for v in views]))
+
+
+def fuse(id_rows: torch.Tensor, general: list[torch.Tensor], specific: list[torch.Tensor]) -> torch.Tensor:
+    """Eq. 17–18 for one node type: ``E + (mean_m ḡ_m + Σ_m s̄_m) / (M + 1)`` from the ID rows ``[n, d]`` and
+    the M modalities' general and specific rows (``[n, d]`` each)."""
+    return id_rows + (torch.stack(general).mean(0) + sum(specific)) / (len(general) + 1)
 
 
 class DGMRec(Recommender):
