@@ -38,7 +38,9 @@ table is read through a :class:`DistRows`, which hands DGL's optimiser one summe
 relations are read from fixed-width ``DistTensor`` s written at start from the partition's ``knn_<m>`` edges
 (:func:`write_knn_rows`). Before each epoch: CLUB steps on each trainer's own items (estimator gradients
 all-reduced) and the generation (Eq. 12-15) of each trainer's own missing items' raw rows, computed on the
-distributed forward. Eq. 16 refinement within the run is refused (:func:`check_request`).
+distributed forward; every ``refresh_every`` epochs Eq. 16 refines the kNN rows of each trainer's own missing
+items against every part's FAISS index of its present items (:meth:`_DGMRecParts.refine`,
+:mod:`dgmrec_dgl.graphs.dist_refine`).
 
 What it approximates (besides sampled mode itself, README "Sampled mode"): DGL's ``SparseAdam`` steps a
 row with the mean of the gradients of the trainers that read it in the step (each the gradient of its own
@@ -69,6 +71,7 @@ from ._dgl import dgl
 from .config import Config, save_config
 from .errors import DataError
 from .graphs.blocks import src_ids
+from .graphs.dist_refine import merge_top_k, part_top_k, refine_own_rows, row_cosine_sums
 from .graphs.distgraph import (KNN_IDS, KNN_WEIGHTS, block_from_rows, connect, knn_edges, own_nodes, own_train_edges,
                                pack_knn_rows, read_ip_config, sample_relation, serve, user_histories)
 from .graphs.hetero import IU, UI, knn_etype, mean_aggregate, propagate
@@ -79,6 +82,7 @@ from .models import build_model
 from .optim import RowSparseAdam
 from .run_folder import LAST_CHECKPOINT, PREVIOUS_CHECKPOINT, TRAINING_FILES
 from .models.dgmrec.encoders import encode
+from .models.dgmrec.model import refines_before
 from .train import (RunState, Session, _last_checkpoint, _lr_factor, _save, _truncate_log, _write_finished,
                     batch_seed, epoch_batches, load_dataset, training_step, validate_and_keep_best)
 
@@ -141,10 +145,10 @@ def check_request(config: Config, part_config: str, ip_config: str | None) -> di
 
 
 def _check_dgmrec(config: Config, summary: dict, part_config: str) -> None:
-    """What DGMRec on partitions does not run: Eq. 16 refinement within the run, the release's new-items
-    setting; and a partition whose kNN graphs are not the ones the config asks for."""
+    """What DGMRec on partitions does not run: the release's new-items setting, refinement from all items
+    (``refine_sources: all``) or scores on the initial graph after refinement; and a partition whose kNN graphs
+    are not the ones the config asks for."""
     from .config import resolve_fidelity
-    from .models.dgmrec.model import refines_before
 
     made = summary.get("dataset", {})
     model = resolve_fidelity(config.model, config.model.fidelity, max(len(made.get("modalities", {})), 1))
@@ -158,13 +162,22 @@ def _check_dgmrec(config: Config, summary: dict, part_config: str) -> None:
     if model.knn_candidates != "present":
         raise DataError("config", "model.knn_candidates", f"is {model.knn_candidates!r}, the partition's kNN graphs "
                         "rank among present items", "set model.knn_candidates: present")
-    if model.generate and model.avg_lambda > 0:
-        refined = [e for e in range(config.train.epochs)
-                   if refines_before(e, model.refresh_every, model.refine_count_from)]
-        if refined:
-            raise DataError("config", "model.refresh_every", f"is {model.refresh_every}: Eq. 16 would refine the "
-                            f"kNN rows before epoch {refined[0]}, which training on partitions does not do yet",
-                            f"set model.refresh_every above {config.train.epochs} (train.epochs), or model.avg_lambda: 0")
+    if _refinements(model, config.train.epochs):
+        if model.refine_sources != "present":
+            raise DataError("config", "model.refine_sources", f"is {model.refine_sources!r}: on partitions the "
+                            "refined rows find their neighbours among the items that have the modality only",
+                            "set model.refine_sources: present (or model.avg_lambda: 0, no refinement)")
+        if not model.score_with_refined_graph:
+            raise DataError("config", "model.score_with_refined_graph", "is false: on partitions the scores use "
+                            "the refined kNN rows (the initial ones are not kept)",
+                            "set model.score_with_refined_graph: true (or model.avg_lambda: 0, no refinement)")
+
+
+def _refinements(model_config, epochs: int) -> int:
+    """How many times Eq. 16 refines the kNN rows in a run of ``epochs`` (model_config resolved)."""
+    if not model_config.generate or model_config.avg_lambda <= 0:
+        return 0
+    return sum(refines_before(e, model_config.refresh_every, model_config.refine_count_from) for e in range(epochs))
 
 
 def run(config: Config, part_config: str, ip_config: str, out_dir: str, *, resume: bool = False,
@@ -436,7 +449,10 @@ def _train(config: Config, part_config: str, g, dataset, out_dir: str, *, resume
     s = Session(config, out_dir, distributed.World(rank, world, world), dataset, model, g, optimizer, None, None,
                 torch.Generator().manual_seed(tcfg.seed), contextlib.nullcontext, RunState(),
                 notes={"distributed": {"parts": world, "partition": os.path.abspath(part_config)}})
-    _restore(s, tables, orig, resume)
+    parts = _DGMRecParts(s, tables, orig, epochs=tcfg.epochs) if config.model.name == "dgmrec" else _Inference(
+        g, {tables[k].part_policy.type_name: tables[k].weight for k in tables}, model.backbone.n_layers,
+        next(iter(tables.values())).embedding_dim)
+    _restore(s, tables, orig, resume, parts)
     if s.main:
         _write_finished(s, False)
 
@@ -447,9 +463,6 @@ def _train(config: Config, part_config: str, g, dataset, out_dir: str, *, resume
     steps = max(1, math.ceil(sum(shares) / tcfg.batch_size))
     batch_size = max(1, math.ceil(len(users) / steps))
     lr_factor = _lr_factor(config)
-    parts = _DGMRecParts(s, tables, orig, epochs=tcfg.epochs) if config.model.name == "dgmrec" else _Inference(
-        g, {tables[k].part_policy.type_name: tables[k].weight for k in tables}, model.backbone.n_layers,
-        next(iter(tables.values())).embedding_dim)
 
     def sync():          # the dense gradients, averaged over the trainers (the --nproc path's all-reduce)
         distributed.average_gradients(dense, world)
@@ -561,7 +574,7 @@ def _checkpoint(s: Session, record: dict, tables_state: dict | None) -> None:
         _save(s.path(LAST_CHECKPOINT), keep_previous=s.path(PREVIOUS_CHECKPOINT),
               model=tables_state, optimizer={"dgl_sparse": shares, **_dense_optimizers(s)}, scheduler=None,
               auxiliary=None, generator=s.generator.get_state(), torch_rng=torch.get_rng_state(),
-              state=asdict(s.state), graph_state={}, distributed=_layout(s.g))
+              state=asdict(s.state), graph_state=s.model.graph_state(), distributed=_layout(s.g))
     tdist.barrier()
 
 
@@ -583,8 +596,9 @@ def _layout(g) -> dict:
                        for nt in g.ntypes}}
 
 
-def _restore(s: Session, tables: dict, orig: dict, resume: bool) -> None:
-    """``last.pt`` (rank 0 reads it) into the tables, every trainer's optimiser share and the run state."""
+def _restore(s: Session, tables: dict, orig: dict, resume: bool, parts=None) -> None:
+    """``last.pt`` (rank 0 reads it) into the tables, the dense parameters and their optimisers, every
+    trainer's share of DGL's optimiser state, the kNN rows (DGMRec) and the run state."""
     ckpt = _last_checkpoint(s) if s.main and resume else None
     if s.main and ckpt is not None and ckpt.get("distributed") != _layout(s.g):
         raise DataError(s.path(LAST_CHECKPOINT), "distributed", "was written on another partition of the data",
@@ -623,6 +637,8 @@ def _restore(s: Session, tables: dict, orig: dict, resume: bool) -> None:
         torch.set_rng_state(ckpt["torch_rng"])
         s.state = RunState(**ckpt["state"])
         _truncate_log(s.path("log.jsonl"), s.state.epoch)
+    if isinstance(parts, _DGMRecParts):
+        parts.load_knn(ckpt.get("graph_state") if s.main else None)
     s.state = RunState(**distributed.broadcast_object(asdict(s.state)))
     s.g.barrier()
 
@@ -639,6 +655,13 @@ def _settle(g, written: list) -> None:
     for tensor, ntype in written:
         _flush(tensor, g, ntype)
     g.barrier()
+
+
+def _rows_of(table, ids: torch.Tensor) -> np.ndarray:
+    """Rows ``ids`` of a ``DistTensor`` as a float32 numpy array (read in chunks)."""
+    if not len(ids):
+        return np.zeros((0, table.shape[1]), np.float32)
+    return np.ascontiguousarray(torch.cat([table[c] for c in _chunks(ids)]).numpy(), dtype=np.float32)
 
 
 def _chunks(ids: torch.Tensor):
@@ -703,10 +726,16 @@ class _Inference:
 
 
 # ---------------------------------------------------------------------- DGMRec on partitions
+#: a kNN row on partitions holds at most this many times k entries (Eq. 16 grows a refined row by up to k per
+#: refinement; past the width a row keeps its largest weights)
+KNN_ROW_CAP = 8
+
+
 def knn_width(model_config, epochs: int) -> int:
     """Entries per item of the kNN ``DistTensor`` s: k times (1 + the refinements a run of ``epochs`` makes),
-    since each Eq. 16 blend adds at most k entries to a row (Eq. 16 is refused on partitions for now, so 1)."""
-    return int(model_config.knn_k)
+    since each Eq. 16 blend adds at most k entries to a row (a missing item's row starts as one self-loop),
+    at most ``KNN_ROW_CAP`` times k."""
+    return int(model_config.knn_k) * min(1 + _refinements(model_config, epochs), KNN_ROW_CAP)
 
 
 def write_knn_rows(g, modalities, width: int) -> None:
@@ -826,7 +855,7 @@ class _DGMRecParts:
     of :meth:`~dgmrec_dgl.models.dgmrec.model.DGMRec.before_epoch` (:meth:`before_epoch`)."""
 
     def __init__(self, s: Session, tables: dict, orig: dict, *, epochs: int):
-        self.s, self.g, self.model, self.tables = s, s.g, s.model, tables
+        self.s, self.g, self.model, self.tables, self.orig = s, s.g, s.model, tables, orig
         write_knn_rows(self.g, self.model.modalities, knn_width(self.model.config, epochs))
         self.forward = _DGMRecForward(self.g, self.model, tables)
         self.own_items = own_nodes(self.g, "item")
@@ -840,8 +869,9 @@ class _DGMRecParts:
         return tuple(_to_dataset_order(_pull(final[nt], self.g.num_nodes(nt)), orig[nt]) for nt in ("user", "item"))
 
     def before_epoch(self, epoch: int) -> dict:
-        """CLUB steps (:meth:`club_steps`) and the generation of the own items' missing raw rows
-        (:meth:`generate`); Eq. 16 refinement is refused before training starts (:func:`check_request`)."""
+        """CLUB steps (:meth:`club_steps`), the generation of the own items' missing raw rows (:meth:`generate`)
+        and, every ``refresh_every`` epochs, Eq. 16 on their kNN rows (:meth:`refine`), as
+        :meth:`DGMRec.before_epoch` does on one machine."""
         cfg, s = self.model.config, self.s
         generator = distributed.rank_generator(s.config.train.seed + 1, epoch, tdist.get_rank())
         log: dict = {}
@@ -849,7 +879,95 @@ class _DGMRecParts:
             log["club_nll"] = self.club_steps(generator)
         if cfg.generate:
             log["generated_rows"] = self.generate(generator)
+            if cfg.avg_lambda > 0 and refines_before(epoch, cfg.refresh_every, cfg.refine_count_from):
+                log["refined_rows"] = self.refine()
+                log["knn_edges"] = self.knn_edges()
         return log
+
+    def refine(self) -> dict[str, int]:
+        """Eq. 16 on the kNN rows of every trainer's own items missing a modality
+        (:mod:`dgmrec_dgl.graphs.dist_refine`): each trainer indexes its own source items' raw rows (those that
+        have m), the query rows (every trainer's own items to refine) are exchanged, each trainer answers all
+        of them, and each merges the answers to its own queries (the exact top-k of the union), normalises and
+        blends its rows with the single-machine kernels and writes them into the kNN ``DistTensor`` s.
+        Returns the rows refined per modality over all trainers."""
+        model, g, cfg = self.model, self.g, self.model.config
+        rank, world = tdist.get_rank(), tdist.get_world_size()
+        data = g.nodes["item"].data
+        refined = {}
+        for m in model.modalities:
+            raw, ids_t, w_t = self.forward.raw[m], data[KNN_IDS.format(m)], data[KNN_WEIGHTS.format(m)]
+            rows = torch.as_tensor(np.asarray(model.refine_rows[m], dtype=np.int64))
+            queries = distributed.gather_objects(raw[rows].numpy() if len(rows) else None)     # every trainer's
+            asked = [q for q in queries if q is not None]
+            sources = self.own_items[model.present(m)[self.own_items]]
+            ids, cos = part_top_k(sources.numpy(), _rows_of(raw, sources), np.concatenate(asked) if asked
+                                  else np.zeros((0, raw.shape[1]), np.float32), cfg.knn_k, index=cfg.knn_index,
+                                  seed=self.s.config.train.seed)
+            bounds = np.cumsum([0] + [0 if q is None else len(q) for q in queries])
+            answers = distributed.gather_objects([(ids[bounds[t]:bounds[t + 1]], cos[bounds[t]:bounds[t + 1]])
+                                                  for t in range(world)])
+            refined[m] = int(bounds[-1])
+            if not len(rows):
+                continue
+            new = merge_top_k([answers[sender][rank] for sender in range(world)], cfg.knn_k)
+            used = np.unique(new[1])
+            neighbours = ids_t[torch.from_numpy(used)]
+            degree = row_cosine_sums(_rows_of(raw, torch.from_numpy(used)), neighbours.numpy(),
+                                     _rows_of(raw, neighbours.clamp(min=0).flatten()).reshape(
+                                         len(used), neighbours.shape[1], -1))
+            indptr, indices, weights = refine_own_rows(rows.numpy(), ids_t[rows].numpy(), w_t[rows].numpy(), new,
+                                                       used, degree, 1.0 - cfg.avg_lambda, cfg.refine_tolerance)
+            dst = torch.from_numpy(np.repeat(rows.numpy(), np.diff(indptr)))
+            packed_ids, packed_w = pack_knn_rows(torch.from_numpy(indices), dst, torch.from_numpy(weights), rows,
+                                                 ids_t.shape[1])
+            ids_t[rows], w_t[rows] = packed_ids, packed_w
+        _settle(g, [(data[field.format(m)], "item") for m in model.modalities for field in (KNN_IDS, KNN_WEIGHTS)])
+        if rank == 0:
+            model.knn = self.knn_graphs()
+        return refined
+
+    def knn_edges(self) -> dict[str, int]:
+        """Entries of every modality's kNN graph (all trainers' rows)."""
+        data = self.g.nodes["item"].data
+        return {m: sum(distributed.gather_objects(int((data[KNN_IDS.format(m)][self.own_items] >= 0).sum())))
+                for m in self.model.modalities}
+
+    def knn_graphs(self) -> dict:
+        """Rank 0: the current kNN graphs whole, in the dataset's ids (:meth:`DGMRec.graph_state`'s form, what
+        checkpoints hold and ``load_run`` scores with)."""
+        data, n, orig = self.g.nodes["item"].data, self.g.num_nodes("item"), self.orig["item"]
+        graphs = {}
+        for m in self.model.modalities:
+            ids, w = _pull(data[KNN_IDS.format(m)], n), _pull(data[KNN_WEIGHTS.format(m)], n)
+            filled = ids >= 0
+            dst = orig[torch.arange(n).unsqueeze(1).expand_as(ids)[filled]]
+            src = orig[ids[filled]]
+            order = torch.argsort(dst * n + src)
+            indptr = torch.zeros(n + 1, dtype=torch.int64)
+            indptr[1:] = torch.cumsum(torch.bincount(dst, minlength=n), 0)
+            graphs[m] = KnnGraph(indptr.numpy(), src[order].numpy(), w[filled][order].numpy())
+        return graphs
+
+    def load_knn(self, graph_state: dict | None) -> None:
+        """Every trainer: rank 0 writes the kNN graphs of a checkpoint (dataset ids, ``graph_state``) into the
+        kNN ``DistTensor`` s (a resumed run continues on the refined rows)."""
+        data, n = self.g.nodes["item"].data, self.g.num_nodes("item")
+        written = [(data[field.format(m)], "item") for m in self.model.modalities for field in (KNN_IDS, KNN_WEIGHTS)]
+        if graph_state:
+            dgl_of = torch.empty(n, dtype=torch.int64)
+            dgl_of[self.orig["item"]] = torch.arange(n)
+            graphs = {}
+            for m, (indptr, indices, weights) in graph_state.items():
+                dst = dgl_of[torch.repeat_interleave(torch.arange(n), torch.diff(indptr))]
+                ids_t = data[KNN_IDS.format(m)]
+                rows, w = pack_knn_rows(dgl_of[indices], dst, weights, torch.arange(n), ids_t.shape[1])
+                for chunk in _chunks(torch.arange(n)):
+                    ids_t[chunk] = rows[chunk]
+                    data[KNN_WEIGHTS.format(m)][chunk] = w[chunk]
+                graphs[m] = KnnGraph(indptr.numpy(), indices.numpy(), weights.numpy())
+            self.model.knn = graphs
+        _settle(self.g, written)
 
     def club_steps(self, generator: torch.Generator) -> float:
         """``club_steps`` maximum-likelihood steps of the CLUB estimators (:meth:`DGMRec.club_step`), each trainer
