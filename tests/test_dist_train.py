@@ -19,6 +19,11 @@ a launch ends, nothing of theirs listens afterwards, and their shared memory is 
 
 About 90 s: two launches, each four interpreters importing torch and DGL on a shared 2-core machine.
 The bad-input cases start at most two servers and take a few seconds.
+
+DGMRec (masked sparse set, 2 partitions; about 2 min more): two launches (2 epochs, resumed to 4, Eq. 16
+before epochs 1-3) against a single-machine sampled run with the same seed and the noise band of
+DGMREC_RECALL; one launch whose refinement must equal ``refine_knn`` on its checkpoint's features; and
+the DGMRec settings partitions do not run, refused before anything starts.
 """
 
 from __future__ import annotations
