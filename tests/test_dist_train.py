@@ -22,7 +22,8 @@ The bad-input cases start at most two servers and take a few seconds.
 
 DGMRec (masked sparse set, 2 partitions; about 2 min more): two launches (2 epochs, resumed to 4, Eq. 16
 before epochs 1-3) against a single-machine sampled run with the same seed and the noise band of
-DGMREC_RECALL; one launch whose refinement must equal ``refine_knn`` on its checkpoint's features; and
+DGMREC_RECALL; one launch whose generated rows and refinement must equal one machine's (``generated_features``, ``refine_knn``)
+on its checkpoint's parameters and features; and
 the DGMRec settings partitions do not run, refused before anything starts.
 """
 
@@ -323,10 +324,11 @@ def test_dgmrec_settings_partitions_do_not_run_are_refused_before_anything_start
         assert not (tmp_path / "r").exists()
 
 
-def test_a_refinement_on_two_partitions_gives_the_single_machine_refined_rows(dgmrec_parts, tmp_path):
-    """One epoch at a learning rate too small to move a float32 row: the raw tables in ``last.pt`` are the
-    features Eq. 16 refined from (generated rows included), and the kNN graphs there, refined across the
-    two parts, must be :func:`refine_knn`'s on those features (the other rows: the partition's)."""
+def test_generation_and_refinement_on_two_partitions_give_the_single_machine_rows(dgmrec_parts, tmp_path):
+    """One epoch at a learning rate too small to move a float32 row, without generation noise: the generated
+    raw rows in ``last.pt`` must be what one machine's full forward generates from the checkpoint's
+    parameters and the imputed features (Eq. 12-15), and the kNN graphs there, refined across the two
+    parts, :func:`refine_knn`'s on the checkpoint's features (the other rows: the partition's)."""
     import numpy as np
     import torch
 
@@ -338,7 +340,7 @@ def test_a_refinement_on_two_partitions_gives_the_single_machine_refined_rows(dg
     part_config, config, _ = dgmrec_parts
     still = tmp_path / "still.yaml"
     still.write_text(f"extends: {config}\ntrain: {{epochs: 1, eval_every: 1, lr: 1.0e-20}}\n"
-                     "model: {refine_count_from: 1}\n")             # Eq. 16 before epoch 0
+                     "model: {refine_count_from: 1, perturb_eps: 0.0}\n")      # Eq. 16 before epoch 0
     run, tag = tmp_path / "run", f"dgmrecdr{os.getpid()}-"
     shm_before = set(os.listdir("/dev/shm"))
     code, out, err = launch(["--parts", 2, "--part-config", part_config, "--config", still, "--seed", SEED, "--out",
@@ -347,9 +349,14 @@ def test_a_refinement_on_two_partitions_gives_the_single_machine_refined_rows(dg
     assert_all_ended(out, tag, shm_before)
     ckpt = torch.load(run / "last.pt", weights_only=True)
     single = load_config(run / "config.yaml")
-    model = build_model(single, load_dataset(single))
+    dataset = load_dataset(single)
+    model = build_model(single, dataset)
     cfg = model.config
+    model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("raw.")}, strict=False)
+    generated = model.generated_features(model.make_graph(dataset), dict(model.targets))
     for m in model.modalities:
+        assert len(model.targets[m])
+        torch.testing.assert_close(ckpt["model"][f"raw.{m}"][model.targets[m]], generated[m], rtol=1e-5, atol=1e-5)
         want = refine_knn(model.knn[m], ckpt["model"][f"raw.{m}"].numpy(), model.refine_rows[m], 1.0 - cfg.avg_lambda,
                           cfg.knn_k, present=model.present(m).numpy(), index="exact", progress=False)
         got = KnnGraph(*(t.numpy() for t in ckpt["graph_state"][m]))
