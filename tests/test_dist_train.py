@@ -22,9 +22,9 @@ The bad-input cases start at most two servers and take a few seconds.
 
 DGMRec (masked sparse set, 2 partitions; about 2 min more): two launches (2 epochs, resumed to 4, Eq. 16
 before epochs 1-3) against a single-machine sampled run with the same seed and the noise band of
-DGMREC_RECALL; one launch whose generated rows and refinement must equal one machine's (``generated_features``, ``refine_knn``)
-on its checkpoint's parameters and features; and
-the DGMRec settings partitions do not run, refused before anything starts.
+DGMREC_RECALL; one launch whose generated rows and refinement must equal one machine's
+(``generated_features``, ``refine_knn``) on its checkpoint's parameters and features; and the DGMRec
+settings partitions do not run, refused before anything starts.
 """
 
 from __future__ import annotations
