@@ -45,7 +45,7 @@ from ...graphs.hetero import IU, UI, build_heterograph, mean_aggregate, replace_
 from ...graphs.knn import KnnGraph, modality_knn_graphs
 from ...graphs.refine import refine_knn
 from ...graphs.sampling import sample_one_hop
-from ..base import Batch, Recommender, gather_rows, read_rows, scalar_parts
+from ..base import Batch, Recommender, gather_rows, scalar_parts, sparse_rows
 from ..lightgcn import lightgcn
 from ..history import Histories, with_history
 from ..lightgcn_rec import sampled_id_branch, sampled_seeds
@@ -487,12 +487,12 @@ class DGMRec(Recommender):
             inputs = src_ids(blocks[0], "item") if blocks and history is None else items
             if m in drawn["preference"]:                                 # sampled: Eq. 2 on drawn users
                 to_items = drawn["preference"][m]
-                user_rows = read_rows(self.user_emb, src_ids(to_items, "user"))
+                user_rows = sparse_rows(self.user_emb, src_ids(to_items, "user"))
                 pref = mean_aggregate(to_items, "interacts", self.preference[m].user_preferences(user_rows))
             else:                                                        # blocks: whole graph (1.)
                 pref = torch.index_select(self.preference[m](g, self.user_emb), 0, inputs)
             # a sparse gradient of only I_m's rows, not a dense [n_items, d_m] one (dgmrec_dgl.optim)
-            x = read_rows(self.raw[m], inputs)
+            x = sparse_rows(self.raw[m], inputs)
             general, specific = encode(self.general, self.specific[m], m, x)
             h = torch.cat([pref * general, pref * specific], dim=1)
             if history is None:
