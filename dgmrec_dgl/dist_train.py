@@ -23,7 +23,8 @@ A trainer (``torch.distributed`` rank r, partition r; gloo):
    row's gradient to the trainer of its partition) and any dense parameter is all-reduced;
 5. every ``eval_every`` epochs: all trainers compute the full forward layer by layer, each for the nodes it
    owns, on blocks with every neighbour (exactly the full-graph forward), into ``DistTensor`` s (LightGCN's
-   layer means, :class:`_Inference`; DGMRec's ID branch, modality branches and fusion, :class:`_DGMRecForward`); rank 0 reads them whole, validates, tests a better model, and writes the run folder
+   layer means, :class:`_Inference`; DGMRec's ID branch, modality branches and fusion, :class:`_DGMRecForward`);
+   rank 0 reads them whole, validates, tests a better model, and writes the run folder
    with the usual machinery (:func:`dgmrec_dgl.train.validate_and_keep_best`, ``log.jsonl``, ``last.pt``).
    The checkpoints hold the tables in the dataset's ids, as a single-machine run's do, so ``evaluate``,
    ``recommend`` and the Python API read the run folder as any other; ``last.pt`` also holds every
@@ -842,11 +843,23 @@ class _DGMRecForward:
         for nt, views in (("user", self.user), ("item", self.item)):
             for chunk in _chunks(own[nt]):
                 parts = [views[m][chunk].chunk(2, dim=1) for m in model.modalities]
-                mm = (torch.stack([general for general, _ in parts]).mean(0) + sum(specific for _, specific in parts)) / n
+                mean_general = torch.stack([g_m for g_m, _ in parts]).mean(0)
+                mm = (mean_general + sum(specific for _, specific in parts)) / n
                 self.final[nt][chunk] = ids[nt][chunk] + mm
         _settle(g, [(self.final[nt], nt) for nt in own])
         model.train()
         return self.final
+
+
+def _scatter_answers(slices: list) -> list:
+    """Every trainer's answers to this trainer's queries, in trainer order: trainer t sends ``slices[r]`` (its
+    answers to trainer r's queries) to trainer r only (one ``scatter_object_list`` per sender)."""
+    received = []
+    for sender in range(tdist.get_world_size()):
+        box = [None]
+        tdist.scatter_object_list(box, slices if tdist.get_rank() == sender else None, src=sender)
+        received.append(box[0])
+    return received
 
 
 class _DGMRecParts:
@@ -905,12 +918,12 @@ class _DGMRecParts:
                                   else np.zeros((0, raw.shape[1]), np.float32), cfg.knn_k, index=cfg.knn_index,
                                   seed=self.s.config.train.seed)
             bounds = np.cumsum([0] + [0 if q is None else len(q) for q in queries])
-            answers = distributed.gather_objects([(ids[bounds[t]:bounds[t + 1]], cos[bounds[t]:bounds[t + 1]])
-                                                  for t in range(world)])
+            answers = _scatter_answers([(ids[bounds[t]:bounds[t + 1]], cos[bounds[t]:bounds[t + 1]])
+                                        for t in range(world)])
             refined[m] = int(bounds[-1])
             if not len(rows):
                 continue
-            new = merge_top_k([answers[sender][rank] for sender in range(world)], cfg.knn_k)
+            new = merge_top_k(answers, cfg.knn_k)
             used = np.unique(new[1])
             neighbours = ids_t[torch.from_numpy(used)]
             degree = row_cosine_sums(_rows_of(raw, torch.from_numpy(used)), neighbours.numpy(),
