@@ -69,8 +69,13 @@ def knn_blocks(g, modality: str, seeds: torch.Tensor, n_layers: int) -> list:
     Returns:
         blocks in the order they are applied: ``blocks[0]`` takes ``[len(src_ids(blocks[0])), w]`` features of
         the input items, ``blocks[-1]`` returns ``[n_seeds, w]`` for ``seeds``; ``dst_ids(blocks[l])`` equals
-        ``src_ids(blocks[l + 1])``.
+        ``src_ids(blocks[l + 1])``. On a ``DistGraph`` the rows come from its fixed-width kNN fields
+        (:func:`~.distgraph.knn_row_blocks`).
     """
+    if not isinstance(g, dgl.DGLGraph):
+        from dgmrec_dgl.graphs.distgraph import knn_row_blocks
+
+        return knn_row_blocks(g, modality, seeds, n_layers)
     blocks = []
     dst = torch.as_tensor(seeds, dtype=torch.int64)
     for _ in range(n_layers):

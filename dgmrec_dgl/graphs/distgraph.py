@@ -27,9 +27,10 @@ import torch
 
 from dgmrec_dgl._dgl import dgl, play_machine, played_machine
 from dgmrec_dgl.errors import DataError
-from dgmrec_dgl.graphs.hetero import IU, UI
+from dgmrec_dgl.graphs.hetero import IU, UI, knn_etype
 
-__all__ = ["connect", "own_nodes", "own_train_edges", "read_ip_config", "serve", "user_histories"]
+__all__ = ["KNN_IDS", "KNN_WEIGHTS", "block_from_rows", "connect", "knn_edges", "knn_row_blocks", "own_nodes",
+           "own_train_edges", "pack_knn_rows", "read_ip_config", "sample_relation", "serve", "user_histories"]
 
 #: seeds per distributed sampling request when a trainer reads whole neighbourhoods
 CHUNK = 65536
@@ -122,3 +123,103 @@ def user_histories(g, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     indptr = torch.zeros(len(users) + 1, dtype=torch.int64)
     indptr[1:] = torch.cumsum(counts, 0)
     return indptr, items[order]
+
+
+# ---------------------------------------------------------------------- kNN relations as fixed-width rows
+#: node fields of the kNN rows of modality m (``DistTensor`` s the trainers write at start; Eq. 16 rewrites them)
+KNN_IDS, KNN_WEIGHTS = "knn_ids_{}", "knn_w_{}"
+
+
+def knn_edges(g, modality: str, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(src, dst, w)``: every in-edge of ``knn_<modality>`` into ``items`` with its weight (Eq. 4's S^m_{dst,src}),
+    read with DGL's distributed sampler at fanout -1 on that relation only."""
+    relation = knn_etype(modality)
+    fanouts = {etype: (-1 if etype == relation else 0) for etype in g.canonical_etypes}
+    src, dst, w = [], [], []
+    for start in range(0, len(items), CHUNK):
+        frontier = dgl.distributed.sample_etype_neighbors(g, {"item": items[start:start + CHUNK]}, fanouts)
+        s, d = frontier.edges(etype=relation)
+        src.append(s)
+        dst.append(d)
+        w.append(g.edges[relation].data["w"][frontier.edges[relation].data[dgl.EID]])
+    if not src:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0)
+    return torch.cat(src), torch.cat(dst), torch.cat(w)
+
+
+def pack_knn_rows(src: torch.Tensor, dst: torch.Tensor, w: torch.Tensor, items: torch.Tensor,
+                  width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kNN rows of ``items`` [n] as fixed-width arrays: ``(ids [n, width] int64, weights [n, width] float32)``.
+
+    Row r holds the sources of the edges ``src -> items[r]`` in ascending id order, padded with id -1 and
+    weight 0. A row longer than ``width`` keeps its ``width`` largest weights (a refined row past the cap).
+    """
+    row = torch.searchsorted(items, dst)
+    keep = torch.ones(len(src), dtype=torch.bool)
+    counts = torch.bincount(row, minlength=len(items))
+    if len(counts) and int(counts.max()) > width:
+        order = torch.argsort(w, descending=True, stable=True)
+        order = order[torch.argsort(row[order], stable=True)]           # by row, largest weight first
+        rank = torch.arange(len(order)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        keep[order[rank >= width]] = False
+        src, row, w = src[keep], row[keep], w[keep]
+    order = torch.argsort(row * (int(src.max()) + 1 if len(src) else 1) + src)
+    src, row, w = src[order], row[order], w[order]
+    counts = torch.bincount(row, minlength=len(items))
+    slot = torch.arange(len(src)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    ids = torch.full((len(items), width), -1, dtype=torch.int64)
+    weights = torch.zeros((len(items), width), dtype=torch.float32)
+    ids[row, slot] = src
+    weights[row, slot] = w.to(torch.float32)
+    return ids, weights
+
+
+def block_from_rows(modality: str, dst: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+    """A ``knn_<modality>`` block onto items ``dst`` [n] from their fixed-width rows (``ids``, ``weights``
+    [n, width], id -1 = padding), built with ``dgl.create_block``.
+
+    As :func:`~.blocks.relation_block`: destination items first among the sources (then the other sources
+    in ascending id order), global ids in ``dgl.NID``, edge field ``w``, so one
+    :func:`~.hetero.propagate` on it is one step ``h <- S^m h`` at ``dst``.
+    """
+    filled = ids >= 0
+    src_global = ids[filled]
+    dst_local = torch.arange(len(dst)).unsqueeze(1).expand_as(ids)[filled]
+    others = torch.unique(src_global)
+    others = others[~torch.isin(others, dst)]
+    src_nodes = torch.cat([dst, others])
+    order = torch.argsort(src_nodes)
+    src_local = order[torch.searchsorted(src_nodes[order], src_global)]
+    etype = knn_etype(modality)
+    block = dgl.create_block({etype: (src_local, dst_local)}, num_src_nodes={"item": len(src_nodes)},
+                             num_dst_nodes={"item": len(dst)}, idtype=torch.int64)
+    block.srcnodes["item"].data[dgl.NID] = src_nodes
+    block.dstnodes["item"].data[dgl.NID] = dst
+    block.edges[etype].data["w"] = weights[filled]
+    return block
+
+
+def knn_row_blocks(g, modality: str, seeds: torch.Tensor, n_layers: int) -> list:
+    """:func:`~.blocks.knn_blocks` on a ``DistGraph``: the ``n_layers`` kNN blocks seeded by ``seeds``, every
+    neighbour, read from the fixed-width rows of node fields ``knn_ids_<m>`` / ``knn_w_<m>`` (a ``DistGraph``'s
+    structure cannot change, and Eq. 16 changes the kNN rows, so they live in ``DistTensor`` s)."""
+    data = g.nodes["item"].data
+    ids, weights = data[KNN_IDS.format(modality)], data[KNN_WEIGHTS.format(modality)]
+    blocks = []
+    dst = torch.as_tensor(seeds, dtype=torch.int64)
+    for _ in range(n_layers):
+        block = block_from_rows(modality, dst, ids[dst], weights[dst])
+        blocks.insert(0, block)
+        dst = block.srcnodes["item"].data[dgl.NID]
+    return blocks
+
+
+def sample_relation(g, etype, dst: torch.Tensor, fanout: int):
+    """:func:`~.sampling.sample_one_hop` on a ``DistGraph``: DGL's distributed sampler with a fanout per
+    relation (``sample_etype_neighbors``; ``sample_neighbors`` with one int would draw over all relations
+    together), then the block of ``etype`` onto ``dst``."""
+    etype = g.to_canonical_etype(etype)
+    fanouts = {e: (fanout if e == etype else 0) for e in g.canonical_etypes}
+    dst = torch.as_tensor(dst, dtype=torch.int64)
+    frontier = dgl.distributed.sample_etype_neighbors(g, {etype[2]: dst}, fanouts)
+    return dgl.to_block(frontier.edge_type_subgraph([etype]), {etype[2]: dst})

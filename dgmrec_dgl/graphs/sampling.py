@@ -137,7 +137,12 @@ def sample_one_hop(g, etype, dst: torch.Tensor, fanout: int):
 
     ``dst`` [n] are distinct ids of the relation's destination type; the block has that one relation, its
     destination nodes in the order given; :func:`~.hetero.mean_aggregate` on it averages over the drawn edges.
+    On a ``DistGraph``: DGL's distributed sampler (:func:`~.distgraph.sample_relation`).
     """
+    if not isinstance(g, dgl.DGLGraph):
+        from dgmrec_dgl.graphs.distgraph import sample_relation
+
+        return sample_relation(g, etype, dst, fanout)
     _, _, dst_type = g.to_canonical_etype(etype)
     dst = torch.as_tensor(dst, dtype=torch.int64)
     frontier = dgl.sampling.sample_neighbors(g, {dst_type: dst}, _all_relations(g, {g.to_canonical_etype(etype)}, fanout),

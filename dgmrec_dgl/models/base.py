@@ -158,7 +158,11 @@ def sparse_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     marked coalesced, so the optimiser does not sort and merge it again: the ids of a sampled block's
     sources are distinct, and at 50K items the optimiser's ``coalesce`` of two such gradients took 0.36 s
     of a 0.6 s step. A table read twice in one step gets the sum of two such gradients (then coalesced).
+    A table that is not a tensor (on DistDGL partitions, a ``dgl.distributed.DistEmbedding`` behind
+    :class:`dgmrec_dgl.dist_train.DistRows`) is called with the ids instead, as :func:`read_rows` does.
     """
+    if not isinstance(table, torch.Tensor):
+        return table(ids)
     return _SparseRows.apply(table, ids)
 
 

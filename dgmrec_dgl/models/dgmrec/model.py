@@ -258,6 +258,10 @@ class DGMRec(Recommender):
     def auxiliary_optimizer(self):
         return self._club_optimizer
 
+    def row_tables(self) -> dict[str, str]:
+        """The ID tables and the trainable raw modality tables X_m (DistDGL partitions hold them as rows)."""
+        return {"user_emb": "user", "item_emb": "item", **{f"raw.{m}": "item" for m in self.modalities}}
+
     def make_graph(self, dataset):
         """The heterograph: user–item relations plus ``knn_<m>`` for every modality."""
         return build_heterograph(dataset, self.knn)
