@@ -83,7 +83,7 @@ from .models import build_model
 from .optim import RowSparseAdam
 from .run_folder import LAST_CHECKPOINT, PREVIOUS_CHECKPOINT, TRAINING_FILES
 from .models.dgmrec.encoders import encode
-from .models.dgmrec.model import refines_before
+from .models.dgmrec.model import fuse, refines_before
 from .train import (RunState, Session, _last_checkpoint, _lr_factor, _save, _truncate_log, _write_finished,
                     batch_seed, epoch_batches, load_dataset, training_step, validate_and_keep_best)
 
@@ -235,7 +235,7 @@ def zero_rows(shape, dtype):
 
 class DistRows:
     """A row table on the partitions, as the model reads it: a ``DistEmbedding`` behind
-    :func:`~dgmrec_dgl.models.base.read_rows`.
+    :func:`~dgmrec_dgl.models.base.sparse_rows`.
 
     DGL's ``SparseAdam`` divides a row's gradient by the number of times the row was read in the step
     (it averages duplicate indices), where one process sums the gradients of every read (DGMRec reads the
@@ -463,6 +463,8 @@ def _train(config: Config, part_config: str, g, dataset, out_dir: str, *, resume
     shares = distributed.gather_objects(len(users))          # every trainer's interactions
     steps = max(1, math.ceil(sum(shares) / tcfg.batch_size))
     batch_size = max(1, math.ceil(len(users) / steps))
+    # the steps an epoch runs: all of them, or the first train.epoch_steps (the same batches and weights)
+    run_steps = min(steps, tcfg.epoch_steps) if tcfg.epoch_steps else steps
     lr_factor = _lr_factor(config)
 
     def sync():          # the dense gradients, averaged over the trainers (the --nproc path's all-reduce)
@@ -478,7 +480,7 @@ def _train(config: Config, part_config: str, g, dataset, out_dir: str, *, resume
     for epoch in range(s.state.epoch, tcfg.epochs):
         if s.state.stopped:
             break
-        record: dict = {"epoch": epoch, "execution": model.execution(),
+        record: dict = {"epoch": epoch, "execution": model.execution(), "steps": run_steps,
                         "distributed": {"parts": world, "steps": steps, "interactions": shares}}
         optimizer.set_lr(tcfg.lr * lr_factor(epoch))
         t0 = time.perf_counter()
@@ -492,7 +494,7 @@ def _train(config: Config, part_config: str, g, dataset, out_dir: str, *, resume
         batches = epoch_batches(model, s.g, triples, batch_size, batch_seed(tcfg.seed, rank, 0), epoch, inline=True)
         sums: dict[str, float] = {}
         taken = 0
-        for step in range(steps):
+        for step in range(run_steps):
             batch = next(batches, None)
             if batch is None:                # this partition ran out of interactions: the collective step only
                 optimizer.zero_grad()
@@ -839,13 +841,11 @@ class _DGMRecForward:
                 block = sample_relation(g, IU, chunk, -1)
                 self.user[m][chunk] = mean_aggregate(block, IU, self.item[m][src_ids(block, "item")])
             _settle(g, [(self.user[m], "user")])
-        n = len(model.modalities) + 1
         for nt, views in (("user", self.user), ("item", self.item)):
             for chunk in _chunks(own[nt]):
                 parts = [views[m][chunk].chunk(2, dim=1) for m in model.modalities]
-                mean_general = torch.stack([g_m for g_m, _ in parts]).mean(0)
-                mm = (mean_general + sum(specific for _, specific in parts)) / n
-                self.final[nt][chunk] = ids[nt][chunk] + mm
+                self.final[nt][chunk] = fuse(ids[nt][chunk], [general for general, _ in parts],
+                                             [specific for _, specific in parts])
         _settle(g, [(self.final[nt], nt) for nt in own])
         model.train()
         return self.final

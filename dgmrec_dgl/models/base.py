@@ -91,7 +91,7 @@ class Recommender(nn.Module):
         """The trainable tables with one row per node, as ``state_dict`` key -> node type (``user``/``item``).
 
         Distributed training (:mod:`dgmrec_dgl.dist_train`) holds these as ``dgl.distributed.DistEmbedding``
-        s, each row on its node's partition; the model reads them only through :func:`read_rows` in
+        s, each row on its node's partition; the model reads them only through :func:`sparse_rows` in
         sampled mode. Default: none (the model cannot train on DistDGL partitions).
         """
         return {}
@@ -151,29 +151,21 @@ class _SparseRows(torch.autograd.Function):
                                        check_invariants=False), None
 
 
-def sparse_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Rows ``ids`` (int64 ``[n]``, **distinct**) of ``table`` ``[N, ...]`` → ``[n, ...]``, with a row-sparse gradient.
+def sparse_rows(table, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` (int64 ``[n]``, **distinct**) of a trainable row table ``[N, ...]`` → ``[n, ...]``, with a
+    gradient for its optimiser.
 
-    What ``F.embedding(ids, table, sparse=True)`` gives, but the gradient is built already sorted and
-    marked coalesced, so the optimiser does not sort and merge it again: the ids of a sampled block's
-    sources are distinct, and at 50K items the optimiser's ``coalesce`` of two such gradients took 0.36 s
-    of a 0.6 s step. A table read twice in one step gets the sum of two such gradients (then coalesced).
-    A table that is not a tensor (on DistDGL partitions, a ``dgl.distributed.DistEmbedding`` behind
-    :class:`dgmrec_dgl.dist_train.DistRows`) is called with the ids instead, as :func:`read_rows` does.
+    A tensor gets a row-sparse gradient: what ``F.embedding(ids, table, sparse=True)`` gives, but built
+    already sorted and marked coalesced, so the optimiser does not sort and merge it again (the ids of a
+    sampled block's sources are distinct; at 50K items the optimiser's ``coalesce`` of two such gradients
+    took 0.36 s of a 0.6 s step). A table read twice in one step gets the sum of two such gradients (then
+    coalesced). On DistDGL partitions the table is a ``dgl.distributed.DistEmbedding`` behind
+    :class:`dgmrec_dgl.dist_train.DistRows`, which is called with the ids: it pulls the rows from their
+    partitions' servers and records the read for DGL's distributed sparse optimiser.
     """
     if not isinstance(table, torch.Tensor):
         return table(ids)
     return _SparseRows.apply(table, ids)
-
-
-def read_rows(table, ids: torch.Tensor) -> torch.Tensor:
-    """Rows ``ids`` (int64, **distinct**) of a trainable row table, with a gradient for its optimiser.
-
-    ``table`` is a tensor (read by :func:`sparse_rows`: a row-sparse gradient) or, in distributed training,
-    a ``dgl.distributed.DistEmbedding``, which is called with the ids: it pulls the rows from their
-    partitions' servers and records the read, and DGL's distributed sparse optimiser steps those rows.
-    """
-    return sparse_rows(table, ids) if isinstance(table, torch.Tensor) else table(ids)
 
 
 def distinct_rows(users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor):

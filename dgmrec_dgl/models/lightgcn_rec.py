@@ -30,7 +30,7 @@ import torch
 from ..config import LightGCNConfig, drawn_fanouts, resolve_execution
 from ..graphs.blocks import src_ids
 from ..graphs.sampling import lightgcn_blocks, sample_ui_blocks
-from .base import Batch, Recommender, distinct_rows, gather_rows, read_rows, scalar_parts
+from .base import Batch, Recommender, distinct_rows, gather_rows, scalar_parts, sparse_rows
 from .dgmrec.losses import bpr_loss, emb_loss
 from .history import Histories, lightgcn_history, one_hop_layer_means
 from .lightgcn import LightGCN
@@ -121,10 +121,10 @@ def sampled_id_branch(user_table: torch.Tensor, item_table: torch.Tensor, g, see
 def sampled_layer_means(user_table: torch.Tensor, item_table: torch.Tensor, blocks: list):
     """``(user layer 0, item layer 0, (user, item) layer means)`` at the seeds of ``blocks``.
 
-    The layer-0 rows of the receptive field are read through :func:`~.base.read_rows`, so the tables get
+    The layer-0 rows of the receptive field are read through :func:`~.base.sparse_rows`, so the tables get
     row-sparse gradients (or, as ``DistEmbedding`` s, record the read for DGL's distributed optimiser); the
     returned layer-0 rows are the seeds' (the first rows of the sources).
     """
-    user, item, user0, item0 = lightgcn_blocks(blocks, read_rows(user_table, src_ids(blocks[0], "user")),
-                                               read_rows(item_table, src_ids(blocks[0], "item")))
+    user, item, user0, item0 = lightgcn_blocks(blocks, sparse_rows(user_table, src_ids(blocks[0], "user")),
+                                               sparse_rows(item_table, src_ids(blocks[0], "item")))
     return user0, item0, (user, item)
