@@ -114,6 +114,18 @@ def sparse_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def masked_sparse(sparse_dir, tmp_path_factory):
+    """``(dataset, mask file)``: :func:`sparse_dir` with 40% of its items missing a modality (mask seed 5)."""
+    from dgmrec_dgl.data.dataset import Dataset
+    from dgmrec_dgl.data.masks import MissingMask
+
+    raw = Dataset.load(sparse_dir)
+    path = tmp_path_factory.mktemp("mask") / "missing_items_0.4.npz"
+    MissingMask.generate(raw.n_items, raw.modalities, 0.4, seed=5).save(path)
+    return Dataset.load(sparse_dir, mask=path), path
+
+
 @pytest.fixture(autouse=True)
 def _quiet_tqdm(monkeypatch):
     monkeypatch.setenv("TQDM_DISABLE", "1")

@@ -8,8 +8,6 @@ import pytest
 import torch
 
 from dgmrec_dgl._dgl import dgl
-from dgmrec_dgl.data.dataset import Dataset
-from dgmrec_dgl.data.masks import MissingMask
 from dgmrec_dgl.graphs.blocks import knn_blocks, relation_block, src_ids
 from dgmrec_dgl.graphs.distgraph import KNN_IDS, KNN_WEIGHTS, block_from_rows, knn_row_blocks, pack_knn_rows
 from dgmrec_dgl.graphs.hetero import build_heterograph, knn_etype, propagate
@@ -19,12 +17,9 @@ KNN_K = 4
 
 
 @pytest.fixture(scope="module")
-def graph(sparse_dir, tmp_path_factory):
+def graph(masked_sparse):
     """The masked sparse set's heterograph (kNN graphs with k = 4; 40% of the items miss a modality)."""
-    raw = Dataset.load(sparse_dir)
-    path = tmp_path_factory.mktemp("mask") / "missing_items_0.4.npz"
-    MissingMask.generate(raw.n_items, raw.modalities, 0.4, seed=5).save(path)
-    ds = Dataset.load(sparse_dir, mask=path)
+    ds = masked_sparse[0]
     knn = modality_knn_graphs({m: ds.features[m] for m in ds.modalities}, ds.present, KNN_K, progress=False)
     return ds, build_heterograph(ds, knn)
 

@@ -60,11 +60,13 @@ LOSS_RANGE = (0.0007, 0.0053, 0.0099, 0.0125)    # single-machine, seeds 1-8 (mo
 RECALL_RANGE = 0.045
 
 
-def config_file(folder: Path, data: Path) -> Path:
-    path = folder / "lightgcn.yaml"
-    path.write_text(f"extends: {CONFIGS / 'lightgcn' / 'base.yaml'}\ndata: {{dir: {data}}}\n"
+def config_file(folder: Path, data: Path, model: str = "lightgcn", mask: Path | None = None, more: str = "") -> Path:
+    """The launches' config: 4 epochs of batch 256 at lr 0.01, validations at epochs 1 and 3, fanouts 10."""
+    path = folder / f"{model}.yaml"
+    path.write_text(f"extends: {CONFIGS / model / 'base.yaml'}\n"
+                    f"data: {{dir: {data}{f', mask: {mask}' if mask else ''}}}\n"
                     "train: {epochs: 4, eval_every: 2, batch_size: 256, lr: 0.01, lr_decay: 1.0, patience: 100}\n"
-                    "model: {execution: sampled, fanouts: [10, 10, 10]}\n")
+                    f"model: {{execution: sampled, fanouts: [10, 10, 10]{more}}}\n")
     return path
 
 
@@ -129,19 +131,24 @@ def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"]["bpr"] for line in (run / "log.jsonl").read_text().splitlines()]
 
 
-def test_two_partitions_train_resume_and_match_single_machine_sampled_mode(parts, sparse_dir, tmp_path):
-    root, part_config, config, summary = parts
-    run, tag = tmp_path / "run", f"dgmrectest{os.getpid()}-"
+def train_then_resume(part_config: Path, config: Path, run: Path, tag: str, tmp_path: Path) -> str:
+    """Launch 2 epochs on the partitions, then resume the run folder to 4; every process of each launch ends
+    and the run is finished after each. Returns the second launch's output."""
     common = ["--parts", 2, "--part-config", part_config, "--config", config, "--seed", SEED, "--out", run,
               "--quiet", "--timeout", LAUNCH_DEADLINE - 30]
     shm_before = set(os.listdir("/dev/shm"))
-    code, out, err = launch([*common, "--epochs", 2], tag, tmp_path / "first.log")
-    assert code == 0, err[-3000:]
-    assert_all_ended(out, tag, shm_before)
-    assert json.loads((run / "metrics.json").read_text())["finished"] is True
-    code, out, err = launch([*common, "--epochs", 4, "--resume"], tag, tmp_path / "resumed.log")
-    assert code == 0, err[-3000:]
-    assert_all_ended(out, tag, shm_before)
+    for name, extra in (("first", ["--epochs", 2]), ("resumed", ["--epochs", 4, "--resume"])):
+        code, out, err = launch([*common, *extra], tag, tmp_path / f"{name}.log")
+        assert code == 0, err[-3000:]
+        assert_all_ended(out, tag, shm_before)
+        assert json.loads((run / "metrics.json").read_text())["finished"] is True
+    return out
+
+
+def test_two_partitions_train_resume_and_match_single_machine_sampled_mode(parts, sparse_dir, tmp_path):
+    root, part_config, config, summary = parts
+    run = tmp_path / "run"
+    out = train_then_resume(part_config, config, run, f"dgmrectest{os.getpid()}-", tmp_path)
     assert "test" in out and "run folder" in out
 
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -240,7 +247,7 @@ def test_a_setting_partitions_do_not_support_is_refused_before_anything_starts(p
 
 
 # ---------------------------------------------------------------------- DGMRec on partitions
-#: single-machine sampled DGMRec on the masked sparse set (dgmrec_config: Eq. 16 before epochs 1-3), seeds
+#: single-machine sampled DGMRec on the masked sparse set (config_file("dgmrec", ...): Eq. 16 before epochs 1-3), seeds
 #: 1-16, measured once here: test Recall@20 mean 0.0993, sd 0.0065, range 0.0885-0.1096; the BPR loss of
 #: epochs 0-3 ranged 0.0007, 0.0019, 0.0046, 0.0092 over the seeds. (Without refinement: 0.0872 +- 0.0071.)
 #: On 2 partitions, seeds 1-7, 4 epochs: 0.0965 +- 0.0085 (range 0.0799-0.1049); seed 1 as 2 + 2 resumed
@@ -250,41 +257,21 @@ DGMREC_RECALL = (0.0993, 0.0065)
 DGMREC_LOSS_RANGE = (0.0007, 0.0019, 0.0046, 0.0092)
 
 
-def dgmrec_config(folder: Path, data: Path, mask: Path) -> Path:
-    path = folder / "dgmrec.yaml"
-    path.write_text(f"extends: {CONFIGS / 'dgmrec' / 'base.yaml'}\ndata: {{dir: {data}, mask: {mask}}}\n"
-                    "train: {epochs: 4, eval_every: 2, batch_size: 256, lr: 0.01, lr_decay: 1.0, patience: 100}\n"
-                    "model: {execution: sampled, fanouts: [10, 10, 10], knn_k: 4, refresh_every: 1}\n")
-    return path
-
-
 @pytest.fixture(scope="module")
-def dgmrec_parts(sparse_dir, tmp_path_factory):
+def dgmrec_parts(sparse_dir, masked_sparse, tmp_path_factory):
     """The sparse set with 40% of its items missing a modality, in 2 METIS partitions:
     (partition config, DGMRec config, summary)."""
-    from dgmrec_dgl.data.masks import MissingMask
-
     root = tmp_path_factory.mktemp("dist_dgmrec")
-    raw = Dataset.load(sparse_dir)
-    mask = root / "missing_items_0.4.npz"
-    MissingMask.generate(raw.n_items, raw.modalities, 0.4, seed=5).save(mask)
-    summary = partition_dataset(Dataset.load(sparse_dir, mask=mask), root / "parts", 2, knn_k=4, mask=str(mask),
-                                name=f"dgmrec_dd_{os.getpid()}")
-    return root / "parts" / summary["part_config"], dgmrec_config(root, sparse_dir, mask), summary
+    ds, mask = masked_sparse
+    summary = partition_dataset(ds, root / "parts", 2, knn_k=4, mask=str(mask), name=f"dgmrec_dd_{os.getpid()}")
+    return (root / "parts" / summary["part_config"],
+            config_file(root, sparse_dir, "dgmrec", mask, ", knn_k: 4, refresh_every: 1"), summary)
 
 
 def test_dgmrec_trains_on_two_partitions_resumes_and_scores_as_single_machine_sampled_mode(dgmrec_parts, tmp_path):
     part_config, config, summary = dgmrec_parts
-    run, tag = tmp_path / "run", f"dgmrecdd{os.getpid()}-"
-    common = ["--parts", 2, "--part-config", part_config, "--config", config, "--seed", SEED, "--out", run,
-              "--quiet", "--timeout", LAUNCH_DEADLINE - 30]
-    shm_before = set(os.listdir("/dev/shm"))
-    code, out, err = launch([*common, "--epochs", 2], tag, tmp_path / "first.log")
-    assert code == 0, err[-3000:]
-    assert_all_ended(out, tag, shm_before)
-    code, out, err = launch([*common, "--epochs", 4, "--resume"], tag, tmp_path / "resumed.log")
-    assert code == 0, err[-3000:]
-    assert_all_ended(out, tag, shm_before)
+    run = tmp_path / "run"
+    train_then_resume(part_config, config, run, f"dgmrecdd{os.getpid()}-", tmp_path)
 
     single = load_config(config, {"train": {"seed": SEED}})
     reference = train(single, str(tmp_path / "single"), progress=False)

@@ -13,7 +13,6 @@ from conftest import assert_rejected, run_cli
 
 from dgmrec_dgl._dgl import dgl
 from dgmrec_dgl.data.dataset import Dataset
-from dgmrec_dgl.data.masks import MissingMask
 from dgmrec_dgl.errors import DataError
 from dgmrec_dgl.graphs.hetero import IU, UI, build_heterograph
 from dgmrec_dgl.graphs.knn import modality_knn_graphs
@@ -23,12 +22,9 @@ KNN_K = 5
 
 
 @pytest.fixture(scope="module")
-def masked(sparse_dir, tmp_path_factory):
+def masked(masked_sparse):
     """(dataset, mask file): the sparse synthetic set with 40% of its items missing a modality."""
-    raw = Dataset.load(sparse_dir)
-    path = tmp_path_factory.mktemp("mask") / "missing_items_0.4.npz"
-    MissingMask.generate(raw.n_items, raw.modalities, 0.4, seed=5).save(path)
-    return Dataset.load(sparse_dir, mask=path), str(path)
+    return masked_sparse[0], str(masked_sparse[1])
 
 
 @pytest.fixture(scope="module")
