@@ -317,7 +317,7 @@ def distributed_model(config: Config, g, seed: int, modalities: dict | None = No
             table.weight[own] = (torch.rand(len(own), dim, generator=gen) * 2 - 1) * bound
         setattr(parent, attr, DistRows(table))
         tables[key] = table
-    if config.model.name not in ("dgmrec",) and list(model.parameters()):
+    if config.model.name != "dgmrec" and list(model.parameters()):
         raise DataError("config", "model.name", f"{config.model.name} has dense parameters, which distributed "
                         "training does not handle", f"train one of {', '.join(DIST_MODELS)}")
     for table in tables.values():
@@ -334,7 +334,7 @@ def _dgmrec_shell(config: Config, g, seed: int, modalities: dict):
     whole (one byte per item and modality: the loss's Eq. 8 and 12-14 terms select items by them, in DGL's
     ids); the generation targets and refined rows are the trainer's own items'.
     """
-    from .models.dgmrec.model import DGMRec, refined_rows
+    from .models.dgmrec.model import DGMRec, generation_targets, refined_rows
 
     n_items = g.num_nodes("item")
     one = KnnGraph(np.array([0, 1], np.int64), np.array([0], np.int64), np.array([1.0], np.float32))
@@ -349,15 +349,10 @@ def _dgmrec_shell(config: Config, g, seed: int, modalities: dict):
     own = own_nodes(g, "item")
     owned = torch.zeros(n_items, dtype=torch.bool)
     owned[own] = True
-    missing = {m: ~p for m, p in present.items()}
     cfg = model.config
-    for m in modalities:
-        target = missing[m] & owned
-        if not cfg.generate_multi_missing:     # missing exactly this modality (the release's targets)
-            for o in modalities:
-                if o != m:
-                    target &= present[o]
-        model.targets[m] = torch.nonzero(target).flatten()
+    for m, rows in generation_targets({m: p.numpy() for m, p in present.items()}, cfg.generate_multi_missing).items():
+        rows = torch.from_numpy(rows)
+        model.targets[m] = rows[owned[rows]]
     model.refine_rows = {m: rows[owned[torch.from_numpy(rows)].numpy()]
                          for m, rows in refined_rows({m: p.numpy() for m, p in present.items()},
                                                      cfg.refine_rows).items()}

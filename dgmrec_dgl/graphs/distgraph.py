@@ -28,6 +28,7 @@ import torch
 from dgmrec_dgl._dgl import dgl, play_machine, played_machine
 from dgmrec_dgl.errors import DataError
 from dgmrec_dgl.graphs.hetero import IU, UI, knn_etype
+from dgmrec_dgl.graphs.sampling import relation_fanouts
 
 __all__ = ["KNN_IDS", "KNN_WEIGHTS", "block_from_rows", "connect", "knn_edges", "knn_row_blocks", "own_nodes",
            "own_train_edges", "pack_knn_rows", "read_ip_config", "sample_relation", "serve", "user_histories"]
@@ -94,21 +95,23 @@ def own_nodes(g, ntype: str) -> torch.Tensor:
     return book.partid2nids(book.partid, ntype)
 
 
-def _in_edges(g, ntype: str, relation, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every in-edge ``(src, dst)`` of ``relation`` into ``nodes``, drawn in chunks by DGL's distributed sampler."""
-    fanouts = {etype: (-1 if etype == relation else 0) for etype in g.canonical_etypes}
-    src, dst = [], []
+def _in_edges(g, ntype: str, relation, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every in-edge ``(src, dst, edge id)`` of ``relation`` into ``nodes``, drawn in chunks by DGL's distributed
+    sampler."""
+    fanouts = relation_fanouts(g, {relation}, -1)
+    src, dst, eid = [], [], []
     for start in range(0, len(nodes), CHUNK):
         frontier = dgl.distributed.sample_etype_neighbors(g, {ntype: nodes[start:start + CHUNK]}, fanouts)
         s, d = frontier.edges(etype=relation)
         src.append(s)
         dst.append(d)
-    return (torch.cat(src), torch.cat(dst)) if src else (torch.zeros(0, dtype=torch.int64),) * 2
+        eid.append(frontier.edges[relation].data[dgl.EID])
+    return (torch.cat(src), torch.cat(dst), torch.cat(eid)) if src else (torch.zeros(0, dtype=torch.int64),) * 3
 
 
 def own_train_edges(g) -> tuple[torch.Tensor, torch.Tensor]:
     """``(users, items)``: the train interactions this trainer's partition owns, sorted by item then user."""
-    users, items = _in_edges(g, "item", UI, own_nodes(g, "item"))
+    users, items, _ = _in_edges(g, "item", UI, own_nodes(g, "item"))
     order = torch.argsort(items * g.num_nodes("user") + users)
     return users[order], items[order]
 
@@ -116,7 +119,7 @@ def own_train_edges(g) -> tuple[torch.Tensor, torch.Tensor]:
 def user_histories(g, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """CSR ``(indptr [len(users)+1], indices)`` of every train item of ``users`` (distinct, sorted), row i
     for ``users[i]``, items ascending: what the BPR negatives are drawn outside of."""
-    items, dst = _in_edges(g, "user", IU, users)
+    items, dst, _ = _in_edges(g, "user", IU, users)
     row = torch.searchsorted(users, dst)
     order = torch.argsort(row * g.num_nodes("item") + items)
     counts = torch.bincount(row, minlength=len(users))
@@ -134,17 +137,8 @@ def knn_edges(g, modality: str, items: torch.Tensor) -> tuple[torch.Tensor, torc
     """``(src, dst, w)``: every in-edge of ``knn_<modality>`` into ``items`` with its weight (Eq. 4's S^m_{dst,src}),
     read with DGL's distributed sampler at fanout -1 on that relation only."""
     relation = knn_etype(modality)
-    fanouts = {etype: (-1 if etype == relation else 0) for etype in g.canonical_etypes}
-    src, dst, w = [], [], []
-    for start in range(0, len(items), CHUNK):
-        frontier = dgl.distributed.sample_etype_neighbors(g, {"item": items[start:start + CHUNK]}, fanouts)
-        s, d = frontier.edges(etype=relation)
-        src.append(s)
-        dst.append(d)
-        w.append(g.edges[relation].data["w"][frontier.edges[relation].data[dgl.EID]])
-    if not src:
-        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0)
-    return torch.cat(src), torch.cat(dst), torch.cat(w)
+    src, dst, eid = _in_edges(g, "item", relation, items)
+    return src, dst, (g.edges[relation].data["w"][eid] if len(eid) else torch.zeros(0))
 
 
 def pack_knn_rows(src: torch.Tensor, dst: torch.Tensor, w: torch.Tensor, items: torch.Tensor,
@@ -219,7 +213,6 @@ def sample_relation(g, etype, dst: torch.Tensor, fanout: int):
     relation (``sample_etype_neighbors``; ``sample_neighbors`` with one int would draw over all relations
     together), then the block of ``etype`` onto ``dst``."""
     etype = g.to_canonical_etype(etype)
-    fanouts = {e: (fanout if e == etype else 0) for e in g.canonical_etypes}
     dst = torch.as_tensor(dst, dtype=torch.int64)
-    frontier = dgl.distributed.sample_etype_neighbors(g, {etype[2]: dst}, fanouts)
+    frontier = dgl.distributed.sample_etype_neighbors(g, {etype[2]: dst}, relation_fanouts(g, {etype}, fanout))
     return dgl.to_block(frontier.edge_type_subgraph([etype]), {etype[2]: dst})

@@ -24,8 +24,8 @@ import torch
 from dgmrec_dgl._dgl import dgl
 from dgmrec_dgl.graphs.hetero import IU, UI, propagate
 
-__all__ = ["dgl_threads", "lightgcn_blocks", "node_rows", "sample_one_hop", "sample_ui_blocks", "seed_sampling",
-           "ui_degrees"]
+__all__ = ["dgl_threads", "lightgcn_blocks", "node_rows", "relation_fanouts", "sample_one_hop", "sample_ui_blocks",
+           "seed_sampling", "ui_degrees"]
 
 _DST_RELATION = {"user": IU, "item": UI}     # the relation each node type receives its messages through
 
@@ -44,7 +44,7 @@ def dgl_threads(n: int) -> None:
     dgl.utils.set_num_threads(int(n))
 
 
-def _all_relations(g, chosen: dict, fanout: int) -> dict:
+def relation_fanouts(g, chosen, fanout: int) -> dict:
     """A fanout per relation of ``g``: ``fanout`` for the ``chosen`` ones, 0 (none) for the rest."""
     return {etype: (fanout if etype in chosen else 0) for etype in g.canonical_etypes}
 
@@ -102,7 +102,7 @@ def sample_ui_blocks(g, users: torch.Tensor, items: torch.Tensor, fanouts: list[
         ``n_u`` users and ``n_i`` items of every block's sources.
     """
     chosen = {UI: None, IU: None}
-    sampler = dgl.dataloading.NeighborSampler([_all_relations(g, chosen, f) for f in fanouts])
+    sampler = dgl.dataloading.NeighborSampler([relation_fanouts(g, chosen, f) for f in fanouts])
     _, _, blocks = sampler.sample_blocks(g, {"user": users, "item": items})
     for block in blocks:
         _set_sampled_norms(g, block)
@@ -145,7 +145,7 @@ def sample_one_hop(g, etype, dst: torch.Tensor, fanout: int):
         return sample_relation(g, etype, dst, fanout)
     _, _, dst_type = g.to_canonical_etype(etype)
     dst = torch.as_tensor(dst, dtype=torch.int64)
-    frontier = dgl.sampling.sample_neighbors(g, {dst_type: dst}, _all_relations(g, {g.to_canonical_etype(etype)}, fanout),
+    frontier = dgl.sampling.sample_neighbors(g, {dst_type: dst}, relation_fanouts(g, {g.to_canonical_etype(etype)}, fanout),
                                              copy_ndata=False, copy_edata=False)
     return dgl.to_block(frontier.edge_type_subgraph([etype]), {dst_type: dst})
 

@@ -71,6 +71,20 @@ def term(name: str):
     return contextlib.nullcontext()
 
 
+def generation_targets(present: dict[str, np.ndarray], multi_missing: bool) -> dict[str, np.ndarray]:
+    """Modality → int64 ids of the items whose raw rows generation writes: those missing exactly that modality
+    (the release's), or with ``multi_missing`` every item missing it. ``present``: modality → bool ``[n_items]``."""
+    out = {}
+    for m, has in present.items():
+        keep = ~np.asarray(has, dtype=bool)
+        if not multi_missing:
+            for other, other_has in present.items():
+                if other != m:
+                    keep &= np.asarray(other_has, dtype=bool)
+        out[m] = np.flatnonzero(keep)
+    return out
+
+
 def refines_before(epoch: int, every: int, count_from: int) -> bool:
     """Whether the kNN rows are refined before (0-based) ``epoch``: every ``every`` epochs, counting epochs
     from ``count_from`` (0: before epochs r, 2r, ...; 1, the release's epoch counter: before r−1, 2r−1, ...)."""
@@ -229,14 +243,8 @@ class DGMRec(Recommender):
                                        candidates=config.knn_candidates, index=config.knn_index, seed=seed)
 
         knn = graphs(dataset.present)
-        generated = {}                         # modality -> items whose raw rows generation writes
-        for m in dataset.modalities:
-            if dataset.mask is None:
-                generated[m] = np.empty(0, np.int64)
-            elif config.generate_multi_missing:
-                generated[m] = np.flatnonzero(~dataset.present[m])
-            else:
-                generated[m] = dataset.mask.missing_exactly(m)
+        generated = ({m: np.empty(0, np.int64) for m in dataset.modalities} if dataset.mask is None
+                     else generation_targets(dataset.present, config.generate_multi_missing))
         targets, extra = dict(generated), {}
         if dataset.new_items is not None:
             targets = {m: np.setdiff1d(rows, dataset.new_items) for m, rows in generated.items()}
