@@ -513,6 +513,7 @@ def _train_epoch(model, dataset, config, spec: dict, rec: dict, before_epoch: bo
     import torch
     from tqdm import tqdm
 
+    from dgmrec_dgl.models.history import histories_of, refresh_totals
     from dgmrec_dgl.train import epoch_batches, epoch_triples, main_optimizer, train_switch, training_step
 
     tcfg = config.train
@@ -564,10 +565,10 @@ def _train_epoch(model, dataset, config, spec: dict, rec: dict, before_epoch: bo
         step_s = r.pop("step_s")
         r.pop("step_cpu_s")
         compute = sum(step_s)
-        histories = [h for h in (getattr(model, "history", None), getattr(model, "modality_history", None)) if h is not None]
-        rec.update(history_every=histories[0].every if histories else 0,
-                   history_refreshes=max((h.refreshes for h in histories), default=0),
-                   history_refresh_s=sum(h.seconds for h in histories))
+        histories = histories_of(model)
+        refreshes, refresh_s = refresh_totals(model)
+        rec.update(history_every=histories[0].every if histories else 0, history_refreshes=refreshes,
+                   history_refresh_s=refresh_s)
         rec.update(r, kind="measured" if r["steps"] == r["steps_per_epoch"] else "partial",
                    batch_size=tcfg.batch_size, sample_ahead=spec["sample_ahead"],
                    median_step_s=statistics.median(step_s), p90_step_s=float(np.percentile(step_s, 90)),

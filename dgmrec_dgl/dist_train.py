@@ -20,7 +20,11 @@ A trainer (``torch.distributed`` rank r, partition r; gloo):
    on the :class:`~dgmrec_dgl.models.base.Batch` that ``model.sample_batch`` draws from the ``DistGraph``
    (DGL's ``NeighborSampler``: the same blocks and normalisation as single-machine sampled mode); the
    ``DistEmbedding`` rows it read are stepped by DGL's distributed ``SparseAdam`` (which routes each
-   row's gradient to the trainer of its partition) and any dense parameter is all-reduced;
+   row's gradient to the trainer of its partition) and any dense parameter is all-reduced. LightGCN with
+   ``model.history_every: R``: at steps 0, R, 2R, ... of an epoch every trainer computes, for the nodes it
+   owns, the ID branch's history (layers 1..L-1 summed, :meth:`_Inference.history`) into ``DistTensor`` s,
+   and the steps between run one sampled hop and read the rest from them (single-machine
+   :mod:`dgmrec_dgl.models.history`, the same rows);
 5. every ``eval_every`` epochs: all trainers compute the full forward layer by layer, each for the nodes it
    owns, on blocks with every neighbour (exactly the full-graph forward), into ``DistTensor`` s (LightGCN's
    layer means, :class:`_Inference`; DGMRec's ID branch, modality branches and fusion, :class:`_DGMRecForward`);
@@ -84,6 +88,7 @@ from .optim import RowSparseAdam
 from .run_folder import LAST_CHECKPOINT, PREVIOUS_CHECKPOINT, TRAINING_FILES
 from .models.dgmrec.encoders import encode
 from .models.dgmrec.model import fuse, refines_before
+from .models.history import refresh_totals, refreshes_since
 from .train import (RunState, Session, _last_checkpoint, _lr_factor, _save, _truncate_log, _write_finished,
                     batch_seed, epoch_batches, load_dataset, training_step, validate_and_keep_best)
 
@@ -118,9 +123,9 @@ def check_request(config: Config, part_config: str, ip_config: str | None) -> di
     if model.execution not in ("auto", "sampled"):
         raise DataError("config", "model.execution", f"is {model.execution!r}, but training on partitions is "
                         "sampled mode", "set model.execution: sampled (or auto)")
-    if model.history_every:
-        raise DataError("config", "model.history_every", "historical embeddings need whole-graph refreshes, "
-                        "which distributed training does not run", "set model.history_every: 0")
+    if model.history_every and model.name != "lightgcn":
+        raise DataError("config", "model.history_every", f"historical embeddings on partitions are written for "
+                        f"lightgcn only, not {model.name}", "set model.history_every: 0")
     if config.train.precision != "fp32":
         raise DataError("config", "train.precision", f"{config.train.precision} is not supported with "
                         "--dist-config", "use train.precision: fp32")
@@ -447,7 +452,8 @@ def _train(config: Config, part_config: str, g, dataset, out_dir: str, *, resume
                 notes={"distributed": {"parts": world, "partition": os.path.abspath(part_config)}})
     parts = _DGMRecParts(s, tables, orig, epochs=tcfg.epochs) if config.model.name == "dgmrec" else _Inference(
         g, {tables[k].part_policy.type_name: tables[k].weight for k in tables}, model.backbone.n_layers,
-        next(iter(tables.values())).embedding_dim)
+        next(iter(tables.values())).embedding_dim, history=bool(config.model.history_every))
+    kept = model.history if config.model.history_every else None          # the ID branch's historical embeddings
     _restore(s, tables, orig, resume, parts)
     if s.main:
         _write_finished(s, False)
@@ -489,7 +495,10 @@ def _train(config: Config, part_config: str, g, dataset, out_dir: str, *, resume
         batches = epoch_batches(model, s.g, triples, batch_size, batch_seed(tcfg.seed, rank, 0), epoch, inline=True)
         sums: dict[str, float] = {}
         taken = 0
+        refreshed = refresh_totals(model)
         for step in range(run_steps):
+            if kept is not None and step % kept.every == 0:     # every trainer at once: a collective pass
+                kept.refresh(parts.history)
             batch = next(batches, None)
             if batch is None:                # this partition ran out of interactions: the collective step only
                 optimizer.zero_grad()
@@ -503,6 +512,8 @@ def _train(config: Config, part_config: str, g, dataset, out_dir: str, *, resume
             taken += 1
         t2 = time.perf_counter()
         record["loss"] = _mean_over_trainers(sums, taken)
+        if kept is not None:         # the refreshes, inside the training seconds
+            record["history"] = refreshes_since(model, refreshed)
         record["lr"] = optimizer.lr
         state = _model_state(model, tables, g, orig) if rank == 0 else None     # the tables whole, read once
         if (epoch + 1) % tcfg.eval_every == 0:
@@ -681,21 +692,37 @@ class _Inference:
         n_layers: L.
         dim: d.
         prefix: of the ``DistTensor`` names (one set per instance).
+        history: keep the ``DistTensor`` s of the historical embeddings (:meth:`history`).
     """
 
-    def __init__(self, g, layer0: dict, n_layers: int, dim: int, prefix: str = ""):
+    def __init__(self, g, layer0: dict, n_layers: int, dim: int, prefix: str = "", history: bool = False):
         self.g, self.n_layers, self.layer0 = g, n_layers, layer0
         self.buffers = [{nt: _new_tensor(g, nt, dim, f"{prefix}layer{i}_{nt}") for nt in ("user", "item")}
                         for i in range(3)]
+        # historical embeddings (model.history_every): C = sum_{l=1}^{L-1} Â^l E^(0), refreshed by history()
+        self.history_tables = {nt: _new_tensor(g, nt, dim, f"{prefix}history_{nt}")
+                               for nt in ("user", "item")} if history else None
 
     def layer_means(self) -> dict:
         """Every trainer: the layer means of its own nodes into ``DistTensor`` s; returns ``{ntype: DistTensor}``."""
+        return self._layer_sum(self.n_layers, self.buffers[2], with_layer0=True, divisor=self.n_layers + 1)
+
+    def history(self) -> dict:
+        """Every trainer: the ID branch's history of its own nodes (what
+        :func:`~dgmrec_dgl.models.history.lightgcn_history` gives on one machine, layers 1..L-1 summed) into
+        ``DistTensor`` s; returns ``{ntype: DistTensor}``, which a step reads rows of."""
+        return self._layer_sum(self.n_layers - 1, self.history_tables, with_layer0=False, divisor=1)
+
+    def _layer_sum(self, n_layers: int, final: dict, *, with_layer0: bool, divisor: int) -> dict:
+        """``sum_{l=0 or 1}^{n_layers} Â^l E^(0) / divisor`` of the own nodes into ``final`` (layer by layer, a barrier
+        between layers)."""
         g = self.g
         own = {nt: own_nodes(g, nt) for nt in ("user", "item")}
         with torch.no_grad():
             current = dict(self.layer0)
-            total = {nt: current[nt][own[nt]] for nt in own}
-            for layer in range(self.n_layers):
+            total = {nt: current[nt][own[nt]] if with_layer0 else torch.zeros(len(own[nt]), final[nt].shape[1])
+                     for nt in own}
+            for layer in range(n_layers):
                 out = self.buffers[layer % 2]
                 chunks = max(math.ceil(len(own[nt]) / INFER_CHUNK) for nt in own)
                 for c in range(chunks):
@@ -709,9 +736,8 @@ class _Inference:
                             total[nt][c * INFER_CHUNK:c * INFER_CHUNK + len(seeds[nt])] += new
                 _settle(g, [(out[nt], nt) for nt in own])
                 current = out
-            final = self.buffers[2]
             for nt in own:
-                final[nt][own[nt]] = total[nt] / (self.n_layers + 1)
+                final[nt][own[nt]] = total[nt] / divisor if divisor != 1 else total[nt]
             _settle(g, [(final[nt], nt) for nt in own])
         return final
 

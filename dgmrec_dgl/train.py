@@ -64,6 +64,7 @@ from .io_utils import atomic_path, atomic_write_json
 from .graphs.sampling import dgl_threads, seed_sampling
 from .models import build_model
 from .models.base import Batch, Recommender
+from .models.history import histories_of, refresh_totals, refreshes_since
 from .optim import RowSparseAdam
 from .run_folder import LAST_CHECKPOINT, PREVIOUS_CHECKPOINT, TRAINING_FILES
 
@@ -430,6 +431,7 @@ def run_epoch(s: Session, epoch: int, *, progress: bool = False) -> dict:
     record["steps"] = n_batches
     sums: dict[str, float] = {}
     timing: dict[str, float] = {}
+    refreshed = refresh_totals(model)
     if s.world.size == 1:
         batches = epoch_batches(model, s.g, triples, tcfg.batch_size, tcfg.seed, epoch, ahead=tcfg.sample_ahead,
                                 timing=timing)
@@ -444,6 +446,8 @@ def run_epoch(s: Session, epoch: int, *, progress: bool = False) -> dict:
     t2 = time.perf_counter()
     record["loss"] = {k: v / max(n_batches, 1) for k, v in sums.items()}
     record["lr"] = s.optimizer.param_groups[0]["lr"]
+    if histories_of(model):             # the refreshes of the historical embeddings, inside the training seconds
+        record["history"] = refreshes_since(model, refreshed)
     record["seconds"] = {"train": t2 - t1, "before_epoch": t1 - t0,
                          **({f"train_{k}": v for k, v in timing.items()} if model.execution() == "sampled" else {})}
     return record

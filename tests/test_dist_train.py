@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import re
 import shutil
@@ -176,6 +177,36 @@ def test_two_partitions_train_resume_and_match_single_machine_sampled_mode(parts
     assert again["recall@20"] == pytest.approx(metrics["test"]["recall@20"], abs=1e-6)
 
 
+def test_historical_embeddings_on_partitions_give_the_exact_steps_when_nothing_moves(parts, tmp_path):
+    """LightGCN with ``history_every: 3`` on 2 partitions, every neighbour drawn (fanouts above the largest
+    degree) and a learning rate too small to move a float32 row: after each refresh the history is the
+    whole graph's layers 2..L of the unchanged tables, so every step's loss, one sampled hop plus the
+    history, must equal the loss of the same step propagated over all three hops (a launch without
+    histories, same seed, same triples). A history that misses a layer, is read in the wrong ids or is
+    not refreshed on every trainer changes the loss."""
+    root, part_config, config, _ = parts
+    still = tmp_path / "still.yaml"
+    still.write_text(f"extends: {config}\ntrain: {{epochs: 1, eval_every: 1, lr: 1.0e-20}}\n"
+                     "model: {fanouts: [10000, 10000, 10000]}\n")
+    historical = tmp_path / "historical.yaml"
+    historical.write_text(f"extends: {still}\nmodel: {{history_every: 3}}\n")
+    shm_before = set(os.listdir("/dev/shm"))
+    records = {}
+    for name, cfg in (("exact", still), ("history", historical)):
+        tag = f"dgmrecdh{os.getpid()}{name}-"
+        code, out, err = launch(["--parts", 2, "--part-config", part_config, "--config", cfg, "--seed", SEED,
+                                 "--out", tmp_path / name, "--quiet", "--timeout", LAUNCH_DEADLINE - 30], tag,
+                                tmp_path / f"{name}.log")
+        assert code == 0, err[-3000:]
+        assert_all_ended(out, tag, shm_before)
+        records[name] = json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[0])
+    exact, history = records["exact"], records["history"]
+    assert "history" not in exact
+    assert history["history"]["refreshes"] == math.ceil(history["steps"] / 3) > 1
+    assert history["loss"]["bpr"] == pytest.approx(exact["loss"]["bpr"], rel=1e-6, abs=0)
+    assert history["loss"]["reg"] == pytest.approx(exact["loss"]["reg"], rel=1e-6, abs=0)
+
+
 # ---------------------------------------------------------------------- bad input
 def test_a_missing_partition_file_or_part_count_is_refused_before_anything_starts(parts, tmp_path, capsys):
     root, part_config, config, _ = parts
@@ -303,7 +334,7 @@ def test_dgmrec_settings_partitions_do_not_run_are_refused_before_anything_start
     for change, culprits in (("model: {refine_sources: all}", ("model.refine_sources", "refine_sources: present")),
                              ("model: {score_with_refined_graph: false}", ("model.score_with_refined_graph",)),
                              ("model: {knn_k: 5}", ("model.knn_k", "k = 4")),
-                             ("model: {history_every: 10}", ("model.history_every",))):
+                             ("model: {history_every: 10}", ("model.history_every", "lightgcn only"))):
         changed = tmp_path / "changed.yaml"
         changed.write_text(f"extends: {config}\n{change}\n")
         assert_rejected(*run_cli(capsys, ["dist-launch", "--parts", 2, "--part-config", part_config, "--config",

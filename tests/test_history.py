@@ -94,3 +94,28 @@ def test_histories_refresh_every_r_reads():
     for _ in range(7):
         h.read(lambda: calls.append(1) or {"n": len(calls)})
     assert len(calls) == h.refreshes == 3          # reads 1, 4 and 7
+
+
+@pytest.mark.parametrize("name, every", [("lightgcn", 3), ("lightgcn", 0), ("dgmrec", 4)])
+def test_an_epoch_logs_the_refreshes_of_its_histories(sparse_dir, tmp_path, name, every):
+    """``log.jsonl``: each epoch's refreshes (one at its start, then every ``history_every`` steps) and their
+    seconds; no entry when the histories are off."""
+    import json
+    import math
+
+    from dgmrec_dgl.config import load_config
+    from dgmrec_dgl.train import train
+
+    config = load_config(f"configs/{name}/base.yaml", {
+        "data": {"dir": str(sparse_dir), "missing_ratio": 2 / 3},
+        "train": {"epochs": 2, "eval_every": 2, "batch_size": 256},
+        "model": {"execution": "sampled", "history_every": every}})
+    train(config, str(tmp_path / "run"), progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    for r in records:
+        if not every:
+            assert "history" not in r
+            continue
+        assert r["history"]["refreshes"] == math.ceil(r["steps"] / every) > 1
+        assert 0 < r["history"]["seconds"] < r["seconds"]["train"]

@@ -53,18 +53,49 @@ class Histories:
         """Drop the tables: the next read refreshes them (features or graphs changed)."""
         self.tables = None
 
+    def stale(self) -> bool:
+        """True when the next :meth:`read` refreshes the tables."""
+        return self.tables is None or self.age >= self.every
+
+    def refresh(self, compute: Callable[[], dict]) -> None:
+        """Replace the tables by ``compute()`` (run without autograd); the next ``every`` reads return them.
+
+        Training on partitions calls it on every trainer at once (the refresh is a collective pass there).
+        """
+        start = time.perf_counter()
+        self.tables = None                      # free the old tables before the new ones are built
+        with torch.no_grad():
+            self.tables = compute()
+        self.age = 0
+        self.refreshes += 1
+        self.seconds += time.perf_counter() - start
+
     def read(self, compute: Callable[[], dict]) -> dict:
-        """The tables, refreshed by ``compute`` (run without autograd) when missing or ``every`` reads old."""
-        if self.tables is None or self.age >= self.every:
-            start = time.perf_counter()
-            self.tables = None                  # free the old tables before the new ones are built
-            with torch.no_grad():
-                self.tables = compute()
-            self.age = 0
-            self.refreshes += 1
-            self.seconds += time.perf_counter() - start
+        """The tables, refreshed by ``compute`` when missing or ``every`` reads old."""
+        if self.stale():
+            self.refresh(compute)
         self.age += 1
         return self.tables
+
+
+def histories_of(model) -> list[Histories]:
+    """The model's historical embeddings that are on (the ID branch's; DGMRec's modality branches')."""
+    found = (getattr(model, "history", None), getattr(model, "modality_history", None))
+    return [h for h in found if isinstance(h, Histories) and h.every]
+
+
+def refresh_totals(model) -> tuple[int, float]:
+    """``(refreshes, seconds)`` of the model's histories since it was built (histories refreshed together count
+    once; their seconds add up)."""
+    histories = histories_of(model)
+    return max((h.refreshes for h in histories), default=0), sum(h.seconds for h in histories)
+
+
+def refreshes_since(model, before: tuple[int, float]) -> dict:
+    """A log record's ``history`` entry: the refreshes and their seconds since ``before``
+    (:func:`refresh_totals`)."""
+    refreshes, seconds = refresh_totals(model)
+    return {"refreshes": refreshes - before[0], "seconds": round(seconds - before[1], 3)}
 
 
 def lightgcn_history(g, user: torch.Tensor, item: torch.Tensor, n_layers: int) -> dict:
@@ -80,7 +111,7 @@ def one_hop_layer_means(user_table: torch.Tensor, item_table: torch.Tensor, bloc
         user_table, item_table: the layer-0 tables ``[n_users, d]``, ``[n_items, d]`` (read as sparse rows).
         block: one user–item block of :func:`~dgmrec_dgl.graphs.sampling.sample_ui_blocks` (seeds first among
             its sources).
-        history: :func:`lightgcn_history`'s tables.
+        history: :func:`lightgcn_history`'s tables (on partitions ``DistTensor`` s of the same rows).
         n_layers: L.
 
     Returns:
@@ -90,9 +121,14 @@ def one_hop_layer_means(user_table: torch.Tensor, item_table: torch.Tensor, bloc
     users, items = src_ids(block, "user"), src_ids(block, "item")
     user0, item0 = sparse_rows(user_table, users), sparse_rows(item_table, items)
     n_u, n_i = block.num_dst_nodes("user"), block.num_dst_nodes("item")
-    user = propagate(block, IU, item0 + torch.index_select(history["item"], 0, items))
-    item = propagate(block, UI, user0 + torch.index_select(history["user"], 0, users))
+    user = propagate(block, IU, item0 + history_rows(history["item"], items))
+    item = propagate(block, UI, user0 + history_rows(history["user"], users))
     return user0[:n_u], item0[:n_i], ((user0[:n_u] + user) / (n_layers + 1), (item0[:n_i] + item) / (n_layers + 1))
+
+
+def history_rows(table, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of a history table: a tensor, or on partitions a ``dgl.distributed.DistTensor``."""
+    return torch.index_select(table, 0, ids) if isinstance(table, torch.Tensor) else table[ids]
 
 
 def with_history(fresh: torch.Tensor, fresh_ids: torch.Tensor, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
