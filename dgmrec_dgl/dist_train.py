@@ -20,11 +20,11 @@ A trainer (``torch.distributed`` rank r, partition r; gloo):
    on the :class:`~dgmrec_dgl.models.base.Batch` that ``model.sample_batch`` draws from the ``DistGraph``
    (DGL's ``NeighborSampler``: the same blocks and normalisation as single-machine sampled mode); the
    ``DistEmbedding`` rows it read are stepped by DGL's distributed ``SparseAdam`` (which routes each
-   row's gradient to the trainer of its partition) and any dense parameter is all-reduced. LightGCN with
+   row's gradient to the trainer of its partition) and any dense parameter is all-reduced. With
    ``model.history_every: R``: at steps 0, R, 2R, ... of an epoch every trainer computes, for the nodes it
-   owns, the ID branch's history (layers 1..L-1 summed, :meth:`_Inference.history`) into ``DistTensor`` s,
-   and the steps between run one sampled hop and read the rest from them (single-machine
-   :mod:`dgmrec_dgl.models.history`, the same rows);
+   owns, the histories of single-machine :mod:`dgmrec_dgl.models.history` into ``DistTensor`` s (the ID
+   branch's layers 1..L-1 summed, :meth:`_Inference.history`; DGMRec's Ẽ_m and kNN layers too,
+   :meth:`_DGMRecForward.history`), and the steps between run one sampled hop and read the rest from them;
 5. every ``eval_every`` epochs: all trainers compute the full forward layer by layer, each for the nodes it
    owns, on blocks with every neighbour (exactly the full-graph forward), into ``DistTensor`` s (LightGCN's
    layer means, :class:`_Inference`; DGMRec's ID branch, modality branches and fusion, :class:`_DGMRecForward`);
@@ -123,9 +123,6 @@ def check_request(config: Config, part_config: str, ip_config: str | None) -> di
     if model.execution not in ("auto", "sampled"):
         raise DataError("config", "model.execution", f"is {model.execution!r}, but training on partitions is "
                         "sampled mode", "set model.execution: sampled (or auto)")
-    if model.history_every and model.name != "lightgcn":
-        raise DataError("config", "model.history_every", f"historical embeddings on partitions are written for "
-                        f"lightgcn only, not {model.name}", "set model.history_every: 0")
     if config.train.precision != "fp32":
         raise DataError("config", "train.precision", f"{config.train.precision} is not supported with "
                         "--dist-config", "use train.precision: fp32")
@@ -453,7 +450,7 @@ def _train(config: Config, part_config: str, g, dataset, out_dir: str, *, resume
     parts = _DGMRecParts(s, tables, orig, epochs=tcfg.epochs) if config.model.name == "dgmrec" else _Inference(
         g, {tables[k].part_policy.type_name: tables[k].weight for k in tables}, model.backbone.n_layers,
         next(iter(tables.values())).embedding_dim, history=bool(config.model.history_every))
-    kept = model.history if config.model.history_every else None          # the ID branch's historical embeddings
+    every = config.model.history_every          # historical embeddings: refreshed by every trainer at once
     _restore(s, tables, orig, resume, parts)
     if s.main:
         _write_finished(s, False)
@@ -497,8 +494,8 @@ def _train(config: Config, part_config: str, g, dataset, out_dir: str, *, resume
         taken = 0
         refreshed = refresh_totals(model)
         for step in range(run_steps):
-            if kept is not None and step % kept.every == 0:     # every trainer at once: a collective pass
-                kept.refresh(parts.history)
+            if every and step % every == 0:
+                parts.refresh_histories(model)
             batch = next(batches, None)
             if batch is None:                # this partition ran out of interactions: the collective step only
                 optimizer.zero_grad()
@@ -512,7 +509,7 @@ def _train(config: Config, part_config: str, g, dataset, out_dir: str, *, resume
             taken += 1
         t2 = time.perf_counter()
         record["loss"] = _mean_over_trainers(sums, taken)
-        if kept is not None:         # the refreshes, inside the training seconds
+        if every:                    # the refreshes, inside the training seconds
             record["history"] = refreshes_since(model, refreshed)
         record["lr"] = optimizer.lr
         state = _model_state(model, tables, g, orig) if rank == 0 else None     # the tables whole, read once
@@ -703,6 +700,10 @@ class _Inference:
         self.history_tables = {nt: _new_tensor(g, nt, dim, f"{prefix}history_{nt}")
                                for nt in ("user", "item")} if history else None
 
+    def refresh_histories(self, model) -> None:
+        """Every trainer at once: LightGCN's ``model.history`` := :meth:`history`."""
+        model.history.refresh(self.history)
+
     def layer_means(self) -> dict:
         """Every trainer: the layer means of its own nodes into ``DistTensor`` s; returns ``{ntype: DistTensor}``."""
         return self._layer_sum(self.n_layers, self.buffers[2], with_layer0=True, divisor=self.n_layers + 1)
@@ -800,7 +801,7 @@ class _DGMRecForward:
         cfg = model.config
         d, self.g, self.model = cfg.embedding_dim, g, model
         self.ids = _Inference(g, {"user": tables["user_emb"].weight, "item": tables["item_emb"].weight},
-                              cfg.n_ui_layers, d, prefix="dgmrec_id_")
+                              cfg.n_ui_layers, d, prefix="dgmrec_id_", history=bool(cfg.history_every))
         self.raw = {m: tables[f"raw.{m}"].weight for m in model.modalities}
         self.user_pref = _new_tensor(g, "user", d, "dgmrec_user_pref")
         self.general = {m: _new_tensor(g, "item", d, f"dgmrec_general_{m}") for m in model.modalities}
@@ -813,6 +814,38 @@ class _DGMRecForward:
         self.gen_out = _new_tensor(g, "item", 2 * d, "dgmrec_generated_out")
         self.final = {nt: _new_tensor(g, nt, d, f"dgmrec_final_{nt}") for nt in ("user", "item")}
         self.own = {nt: own_nodes(g, nt) for nt in ("user", "item")}
+        # historical embeddings (model.history_every): per modality [Ẽ_m, Ē^(1)_m, ..., Ē^(L)_m]
+        self.history_layers = {m: [_new_tensor(g, "item", 2 * d, f"dgmrec_history_{m}_{i}")
+                                   for i in range(cfg.n_mm_layers + 1)]
+                               for m in model.modalities} if cfg.history_every else None
+
+    def filter(self, m: str, out) -> None:
+        """Eq. 1-3 for every own item: the user preferences tanh(W_m e_u) of the own users, then per item the
+        encoders on X_m, the preference p_{i,m} (mean over all its users) and Ẽ_m = [p ⊙ E^g, p ⊙ E^s] into
+        ``out`` [n_items, 2d] (E^g_m and p_m kept for generation)."""
+        g, model, own = self.g, self.model, self.own
+        for chunk in _chunks(own["user"]):
+            self.user_pref[chunk] = model.preference[m].user_preferences(self.ids.layer0["user"][chunk])
+        _settle(g, [(self.user_pref, "user")])
+        for chunk in _chunks(own["item"]):
+            block = sample_relation(g, UI, chunk, -1)
+            pref = mean_aggregate(block, UI, self.user_pref[src_ids(block, "user")])
+            general, specific = encode(model.general, model.specific[m], m, self.raw[m][chunk])
+            self.general[m][chunk], self.pref[m][chunk] = general, pref
+            out[chunk] = torch.cat([pref * general, pref * specific], dim=1)
+        _settle(g, [(self.general[m], "item"), (self.pref[m], "item"), (out, "item")])
+
+    @torch.no_grad()
+    def history(self) -> tuple[dict, dict]:
+        """Every trainer: the histories of its own nodes, what one machine's :class:`DGMRec` refreshes (the ID
+        branch's layers 1..L-1 summed; per modality Ẽ_m and each kNN layer's output); returns
+        ``(ID history {ntype: DistTensor}, {modality: [DistTensor, ...]})``, which a step reads rows of."""
+        ids = self.ids.history()
+        for m, layers in self.history_layers.items():
+            self.filter(m, layers[0])
+            for below, above in zip(layers, layers[1:]):
+                self.propagate(m, below, above, 1)
+        return ids, self.history_layers
 
     def propagate(self, m: str, source, out, n_layers: int) -> None:
         """``n_layers`` steps ``h <- S^m h`` (Eq. 4-5) of ``source`` [n_items, w] into ``out``, for the own items
@@ -841,16 +874,7 @@ class _DGMRecForward:
         model.eval()
         ids = self.ids.layer_means()
         for m in model.modalities:
-            for chunk in _chunks(own["user"]):
-                self.user_pref[chunk] = model.preference[m].user_preferences(self.ids.layer0["user"][chunk])
-            _settle(g, [(self.user_pref, "user")])
-            for chunk in _chunks(own["item"]):
-                block = sample_relation(g, UI, chunk, -1)
-                pref = mean_aggregate(block, UI, self.user_pref[src_ids(block, "user")])
-                general, specific = encode(model.general, model.specific[m], m, self.raw[m][chunk])
-                self.general[m][chunk], self.pref[m][chunk] = general, pref
-                self.layers[0][chunk] = torch.cat([pref * general, pref * specific], dim=1)
-            _settle(g, [(self.general[m], "item"), (self.pref[m], "item"), (self.layers[0], "item")])
+            self.filter(m, self.layers[0])
             filtered = self.layers[0]
             if cfg.n_mm_layers > 1:            # layer 0 must not be overwritten before layer 1 has read it
                 for chunk in _chunks(own["item"]):
@@ -894,6 +918,13 @@ class _DGMRecParts:
         self.forward = _DGMRecForward(self.g, self.model, tables)
         self.own_items = own_nodes(self.g, "item")
         self.item_shares = distributed.gather_objects(len(self.own_items))
+
+    def refresh_histories(self, model) -> None:
+        """Every trainer at once: DGMRec's ID and modality histories := :meth:`_DGMRecForward.history` (one pass,
+        its seconds counted on the ID branch's)."""
+        tables = []
+        model.history.refresh(lambda: tables.append(self.forward.history()) or tables[0][0])
+        model.modality_history.refresh(lambda: tables[0][1])
 
     def embeddings(self, orig: dict, rank: int):
         """``(user, item)`` fused representations (Eq. 17-18) in the dataset's ids on rank 0; None elsewhere."""

@@ -136,7 +136,7 @@ def with_history(fresh: torch.Tensor, fresh_ids: torch.Tensor, table: torch.Tens
 
     ``fresh`` [len(fresh_ids), w] carries the gradient; the history rows carry none.
     """
-    old = torch.index_select(table, 0, ids)
+    old = history_rows(table, ids)
     if not len(fresh_ids):
         return old
     at = torch.searchsorted(fresh_ids, ids).clamp_(max=len(fresh_ids) - 1)

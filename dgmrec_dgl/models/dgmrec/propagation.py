@@ -19,6 +19,7 @@ import torch
 
 from ..._dgl import dgl
 from ...graphs.hetero import mean_aggregate, propagate
+from ..history import history_rows
 
 
 def propagate_modality(g, modality: str, h: torch.Tensor, n_layers: int) -> torch.Tensor:
@@ -43,13 +44,13 @@ def propagate_modality_history(blocks: list, modality: str, h: torch.Tensor, lay
 
     ``blocks`` holds one kNN block onto items T (destination items first among its sources; none when there
     are no layers), ``h`` [len(T), w] is layer 0 at T, and ``layers[l]`` [n_items, w] the history of layer l
-    (:mod:`dgmrec_dgl.models.history`): layer l + 1 at T reads T's own rows from layer l as just computed and
+    (:mod:`dgmrec_dgl.models.history`; on partitions a ``DistTensor``): layer l + 1 at T reads T's own rows from layer l as just computed and
     every other source from ``layers[l]``. Returns the last layer at T.
     """
     for table in layers[:-1]:
         block = blocks[0]
         outside = block.srcnodes["item"].data[dgl.NID][len(h):]
-        h = propagate(block, f"knn_{modality}", torch.cat([h, torch.index_select(table, 0, outside)]))
+        h = propagate(block, f"knn_{modality}", torch.cat([h, history_rows(table, outside)]))
     return h
 
 
