@@ -218,10 +218,30 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def _import_world_capturing_modules() -> None:
+    """Import, before a group exists, the torch modules that capture the group at import time.
+
+    ``torch.distributed.nn.functional`` binds ``group.WORLD`` as the default ``group`` argument of its ten
+    collectives when it is imported. The first ``torch.optim`` optimizer a rank builds imports
+    ``torch._dynamo`` (``Optimizer.add_param_group`` is wrapped in ``torch._disable_dynamo``), which imports
+    that module through FSDP and ``torch.distributed._shard``; imported after ``init_process_group``, its
+    defaults hold the live gloo group. ``destroy_process_group`` then cannot free the group: its gloo threads
+    (``gloo_tcp_loop``, two ``pt_gloo_runloop``, and rank 0's ``pt_tcpstore_uv``) run on into interpreter
+    shutdown and are torn down there, if at all, while the peer rank exits and closes its sockets. This is
+    the suspected cause of the intermittent CI failure of ``dgmrec_runs``: rank 1 died of "terminate called
+    without an active exception", the message of a ``std::thread`` destroyed while still joinable (gloo's
+    ``Loop::~Loop`` calls ``std::terminate`` then), late in its run. Imported here first, the defaults bind
+    ``None`` (no group yet), and ``destroy_process_group`` frees the group and joins its threads while both
+    ranks are alive; ``tests/test_distributed.py`` checks that no gloo thread outlives ``_worker``.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
+
+
 def run_from_env(fn, *args, **kwargs):
     """Join the group described by RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, run ``fn``, leave."""
     if int(os.environ["WORLD_SIZE"]) == 1:
         return fn(*args, **kwargs)
+    _import_world_capturing_modules()
     dist.init_process_group("gloo")
     try:
         return fn(*args, **kwargs)
@@ -266,6 +286,7 @@ def _read(path: str):
 def _worker(rank, nproc, addr, port, fn, args, kwargs, box):
     os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(nproc),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc))
+    _import_world_capturing_modules()
     dist.init_process_group("gloo")
     outcome = None
     try:
