@@ -276,3 +276,38 @@ def test_a_worker_reports_bad_input_to_the_launcher(tmp_path, monkeypatch):
         distributed._worker(0, 1, "127.0.0.1", distributed.free_port(), _bad_input, (), {}, str(tmp_path))
     assert not torch.distributed.is_initialized()
     assert distributed._read(str(tmp_path / "0")) == ("data_error", ("data/x", "features", "is broken", "fix it"))
+
+
+# A fresh interpreter: pytest's own process imported torch._dynamo long ago, so there the trigger is gone.
+_GLOO_THREADS_AFTER_WORKER = """
+import json, os, sys, tempfile
+import torch
+from dgmrec_dgl import distributed
+
+def build_optimizer():
+    torch.optim.Adam([torch.nn.Parameter(torch.ones(2))])   # the first optimizer imports torch._dynamo
+
+with tempfile.TemporaryDirectory() as box:
+    distributed._worker(0, 1, "127.0.0.1", distributed.free_port(), build_optimizer, (), {}, box)
+assert "torch._dynamo" in sys.modules
+print(json.dumps(sorted({open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")})))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names are read from /proc")
+def test_no_gloo_thread_outlives_a_worker():
+    """A rank's gloo group is freed by ``destroy_process_group``, not at interpreter exit: importing
+    ``torch._dynamo`` while the group exists (the first ``torch.optim`` optimizer does) must not leave a
+    module holding it (``torch.distributed.nn.functional`` binds ``group.WORLD`` as a default argument)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(name, None)
+    out = subprocess.run([sys.executable, "-c", _GLOO_THREADS_AFTER_WORKER], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    threads = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not [t for t in threads if "gloo" in t or "tcpstore" in t], threads
