@@ -225,14 +225,16 @@ def _import_world_capturing_modules() -> None:
     collectives when it is imported. The first ``torch.optim`` optimizer a rank builds imports
     ``torch._dynamo`` (``Optimizer.add_param_group`` is wrapped in ``torch._disable_dynamo``), which imports
     that module through FSDP and ``torch.distributed._shard``; imported after ``init_process_group``, its
-    defaults hold the live gloo group. ``destroy_process_group`` then cannot free the group: its gloo threads
-    (``gloo_tcp_loop``, two ``pt_gloo_runloop``, and rank 0's ``pt_tcpstore_uv``) run on into interpreter
-    shutdown and are torn down there, if at all, while the peer rank exits and closes its sockets. This is
-    the suspected cause of the intermittent CI failure of ``dgmrec_runs``: rank 1 died of "terminate called
-    without an active exception", the message of a ``std::thread`` destroyed while still joinable (gloo's
-    ``Loop::~Loop`` calls ``std::terminate`` then), late in its run. Imported here first, the defaults bind
-    ``None`` (no group yet), and ``destroy_process_group`` frees the group and joins its threads while both
-    ranks are alive; ``tests/test_distributed.py`` checks that no gloo thread outlives ``_worker``.
+    defaults hold the live gloo group. ``destroy_process_group`` then cannot free the group, and its threads
+    (``gloo_tcp_loop``, two ``pt_gloo_runloop``, rank 0's ``pt_tcpstore_uv``) run on into interpreter
+    shutdown. That caused the intermittent "terminate called without an active exception" of a rank at exit
+    (CI, ``tests/test_distributed.py``'s ``dgmrec_runs``): a ``pt_gloo_runloop`` thread that drops a finished
+    collective (``all_gather_object``'s tensors) late needs the GIL to release the tensors' Python objects;
+    once the interpreter is finalizing, ``take_gil`` ends the thread with ``pthread_exit``, whose unwinding
+    through the ``noexcept`` ``~TensorImpl`` calls ``std::terminate`` (core dump backtrace). Imported here
+    first, the defaults bind ``None`` (no group yet), and ``destroy_process_group`` frees the group and joins
+    its threads while the interpreter is whole; ``tests/test_distributed.py`` checks that no gloo thread
+    outlives ``_worker``.
     """
     import torch.distributed.nn.functional  # noqa: F401
 
