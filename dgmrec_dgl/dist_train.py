@@ -204,7 +204,7 @@ def run(config: Config, part_config: str, ip_config: str, out_dir: str, *, resum
                         "start one trainer per partition (dgmrec-dgl dist-launch does)")
     dataset = _dataset_of(config, part_config) if rank == 0 else None
     g = connect(part_config, ip_config, partition["graph_name"])
-    tdist.init_process_group("gloo")
+    distributed.init_group()
     if tdist.get_rank() != g.get_partition_book().partid:
         raise DataError("<environment>", "RANK", f"trainer {tdist.get_rank()} is on the machine of partition "
                         f"{g.get_partition_book().partid}", "give the trainer of machine i RANK=i")

@@ -218,8 +218,9 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _import_world_capturing_modules() -> None:
-    """Import, before a group exists, the torch modules that capture the group at import time.
+def init_group() -> None:
+    """``init_process_group("gloo")`` from the environment, after importing the torch modules that capture the
+    group at import time.
 
     ``torch.distributed.nn.functional`` binds ``group.WORLD`` as the default ``group`` argument of its ten
     collectives when it is imported. The first ``torch.optim`` optimizer a rank builds imports
@@ -234,17 +235,18 @@ def _import_world_capturing_modules() -> None:
     through the ``noexcept`` ``~TensorImpl`` calls ``std::terminate`` (core dump backtrace). Imported here
     first, the defaults bind ``None`` (no group yet), and ``destroy_process_group`` frees the group and joins
     its threads while the interpreter is whole; ``tests/test_distributed.py`` checks that no gloo thread
-    outlives ``_worker``.
+    outlives ``_worker``. Every group of the package starts here (``--nproc``, ``torchrun``, DistDGL trainers).
     """
     import torch.distributed.nn.functional  # noqa: F401
+
+    dist.init_process_group("gloo")
 
 
 def run_from_env(fn, *args, **kwargs):
     """Join the group described by RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, run ``fn``, leave."""
     if int(os.environ["WORLD_SIZE"]) == 1:
         return fn(*args, **kwargs)
-    _import_world_capturing_modules()
-    dist.init_process_group("gloo")
+    init_group()
     try:
         return fn(*args, **kwargs)
     finally:
@@ -288,8 +290,7 @@ def _read(path: str):
 def _worker(rank, nproc, addr, port, fn, args, kwargs, box):
     os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(nproc),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc))
-    _import_world_capturing_modules()
-    dist.init_process_group("gloo")
+    init_group()
     outcome = None
     try:
         outcome = ("ok", fn(*args, **kwargs))
