@@ -198,8 +198,9 @@ def write(doc: dict, out: Path, tag: str = "") -> None:
     a.bar(["one machine", f"{doc['meta']['parts']} partitions"],
           [s["single_train_s"], s["dist_train_s"]] if epoch else [s["single_s_per_step"], s["dist_s_per_step"]],
           color=["C0", "C1"])
-    a.set_ylabel(f"seconds per epoch ({s['steps']:,} steps, measured whole)" if epoch else "seconds per step")
-    a.set_title(f"{doc['meta']['model']}, {doc['meta']['n_items']:,} items")
+    a.set_ylabel("seconds per epoch" if epoch else "seconds per step")
+    a.set_title(f"{doc['meta']['model']}, {doc['meta']['n_items']:,} items"
+                + (f", a whole epoch ({s['steps']:,} steps)" if epoch else ""), fontsize=10)
     names = ["one machine"] + list(s["dist_peak_rss_gb"])
     b.bar(names, [s["single_peak_rss_gb"]] + list(s["dist_peak_rss_gb"].values()),
           color=["C0"] + ["C1"] * len(s["dist_peak_rss_gb"]))
