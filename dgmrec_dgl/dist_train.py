@@ -573,7 +573,7 @@ def _tables_state(tables: dict, g, orig: dict) -> dict:
 def _checkpoint(s: Session, record: dict, tables_state: dict | None) -> None:
     """``log.jsonl`` and ``last.pt`` on rank 0: the tables whole (``tables_state``, rank 0's), every trainer's
     share of DGL's optimiser state."""
-    shares = distributed.gather_objects(s.optimizer.sparse.local_state_dict())
+    shares = distributed.gather_on_main(s.optimizer.sparse.local_state_dict())    # rank 0 writes them
     if s.main:
         with open(s.path("log.jsonl"), "a") as fh:
             fh.write(json.dumps(record) + "\n")

@@ -184,6 +184,14 @@ def gather_objects(obj) -> list:
     return out
 
 
+def gather_on_main(obj) -> list | None:
+    """Every rank's ``obj``, in rank order, on rank 0 only (None elsewhere): what only rank 0 writes need not
+    be unpickled on every rank (:func:`gather_objects` holds every rank's copy on each)."""
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def fingerprint(*states) -> str:
     """A 16-hex-digit hash of tensors / arrays / bytes nested in dicts, lists and tuples (exact bits)."""
     h = hashlib.blake2b(digest_size=8)
