@@ -215,8 +215,11 @@ def run(config: Config, part_config: str, ip_config: str, out_dir: str, *, resum
 
 
 def _dataset_of(config: Config, part_config: str):
-    """Rank 0's dataset (for evaluation), checked against what the partition was made from."""
-    dataset = load_dataset(config)
+    """Rank 0's dataset (for evaluation: its interactions), checked against what the partition was made from.
+
+    Its features are not prepared (no mask, reduction or imputation: the files stay memory-mapped), so no
+    trainer holds the catalog's features (each reads its own part's from the servers)."""
+    dataset = load_dataset(config, prepare_features=False)
     with open(os.path.join(os.path.dirname(os.path.abspath(part_config)), SUMMARY)) as fh:
         made_from = json.load(fh).get("dataset", {})
     have = {"n_users": dataset.n_users, "n_items": dataset.n_items, "n_train": len(dataset.train)}
