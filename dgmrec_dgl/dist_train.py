@@ -24,7 +24,7 @@ A trainer (``torch.distributed`` rank r, partition r; gloo):
    ``model.history_every: R``: at steps 0, R, 2R, ... of an epoch every trainer computes, for the nodes it
    owns, the histories of single-machine :mod:`dgmrec_dgl.models.history` into ``DistTensor`` s (the ID
    branch's layers 1..L-1 summed, :meth:`_Inference.history`; DGMRec's Ẽ_m and kNN layers too,
-   :meth:`_DGMRecForward.history`), and the steps between run one sampled hop and read the rest from them;
+   :meth:`_DGMRecForward.modality_history`), and the steps between run one sampled hop and read the rest from them;
 5. every ``eval_every`` epochs: all trainers compute the full forward layer by layer, each for the nodes it
    owns, on blocks with every neighbour (exactly the full-graph forward), into ``DistTensor`` s (LightGCN's
    layer means, :class:`_Inference`; DGMRec's ID branch, modality branches and fusion, :class:`_DGMRecForward`);
@@ -355,12 +355,12 @@ def _dgmrec_shell(config: Config, g, seed: int, modalities: dict):
     owned = torch.zeros(n_items, dtype=torch.bool)
     owned[own] = True
     cfg = model.config
-    for m, rows in generation_targets({m: p.numpy() for m, p in present.items()}, cfg.generate_multi_missing).items():
+    has = {m: p.numpy() for m, p in present.items()}
+    for m, rows in generation_targets(has, cfg.generate_multi_missing).items():
         rows = torch.from_numpy(rows)
         model.targets[m] = rows[owned[rows]]
     model.refine_rows = {m: rows[owned[torch.from_numpy(rows)].numpy()]
-                         for m, rows in refined_rows({m: p.numpy() for m, p in present.items()},
-                                                     cfg.refine_rows).items()}
+                         for m, rows in refined_rows(has, cfg.refine_rows).items()}
     model.knn, model.initial_knn = {}, {}       # the kNN rows live in DistTensors (graph_state: none)
     return model
 
@@ -839,16 +839,15 @@ class _DGMRecForward:
         _settle(g, [(self.general[m], "item"), (self.pref[m], "item"), (out, "item")])
 
     @torch.no_grad()
-    def history(self) -> tuple[dict, dict]:
-        """Every trainer: the histories of its own nodes, what one machine's :class:`DGMRec` refreshes (the ID
-        branch's layers 1..L-1 summed; per modality Ẽ_m and each kNN layer's output); returns
-        ``(ID history {ntype: DistTensor}, {modality: [DistTensor, ...]})``, which a step reads rows of."""
-        ids = self.ids.history()
+    def modality_history(self) -> dict:
+        """Every trainer: the modality branches' histories of its own items, what one machine's :class:`DGMRec`
+        refreshes (per modality Ẽ_m and each kNN layer's output); returns ``{modality: [DistTensor, ...]}``,
+        which a step reads rows of. (The ID branch's is ``self.ids.history()``.)"""
         for m, layers in self.history_layers.items():
             self.filter(m, layers[0])
             for below, above in zip(layers, layers[1:]):
                 self.propagate(m, below, above, 1)
-        return ids, self.history_layers
+        return self.history_layers
 
     def propagate(self, m: str, source, out, n_layers: int) -> None:
         """``n_layers`` steps ``h <- S^m h`` (Eq. 4-5) of ``source`` [n_items, w] into ``out``, for the own items
@@ -923,11 +922,9 @@ class _DGMRecParts:
         self.item_shares = distributed.gather_objects(len(self.own_items))
 
     def refresh_histories(self, model) -> None:
-        """Every trainer at once: DGMRec's ID and modality histories := :meth:`_DGMRecForward.history` (one pass,
-        its seconds counted on the ID branch's)."""
-        tables = []
-        model.history.refresh(lambda: tables.append(self.forward.history()) or tables[0][0])
-        model.modality_history.refresh(lambda: tables[0][1])
+        """Every trainer at once: DGMRec's ID and modality histories, computed on the partitions."""
+        model.history.refresh(self.forward.ids.history)
+        model.modality_history.refresh(self.forward.modality_history)
 
     def embeddings(self, orig: dict, rank: int):
         """``(user, item)`` fused representations (Eq. 17-18) in the dataset's ids on rank 0; None elsewhere."""

@@ -132,16 +132,22 @@ def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"]["bpr"] for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+def launch_cleanly(part_config: Path, config: Path, run: Path, tag: str, log: Path, *extra) -> str:
+    """One launch on the 2 partitions with the test's seed into ``run``: it must succeed and every process it
+    started must end (:func:`assert_all_ended`). Returns its output."""
+    shm_before = set(os.listdir("/dev/shm"))
+    code, out, err = launch(["--parts", 2, "--part-config", part_config, "--config", config, "--seed", SEED, "--out",
+                             run, "--quiet", "--timeout", LAUNCH_DEADLINE - 30, *extra], tag, log)
+    assert code == 0, err[-3000:]
+    assert_all_ended(out, tag, shm_before)
+    return out
+
+
 def train_then_resume(part_config: Path, config: Path, run: Path, tag: str, tmp_path: Path) -> str:
     """Launch 2 epochs on the partitions, then resume the run folder to 4; every process of each launch ends
     and the run is finished after each. Returns the second launch's output."""
-    common = ["--parts", 2, "--part-config", part_config, "--config", config, "--seed", SEED, "--out", run,
-              "--quiet", "--timeout", LAUNCH_DEADLINE - 30]
-    shm_before = set(os.listdir("/dev/shm"))
     for name, extra in (("first", ["--epochs", 2]), ("resumed", ["--epochs", 4, "--resume"])):
-        code, out, err = launch([*common, *extra], tag, tmp_path / f"{name}.log")
-        assert code == 0, err[-3000:]
-        assert_all_ended(out, tag, shm_before)
+        out = launch_cleanly(part_config, config, run, tag, tmp_path / f"{name}.log", *extra)
         assert json.loads((run / "metrics.json").read_text())["finished"] is True
     return out
 
@@ -185,15 +191,9 @@ def exact_and_historical_epochs(part_config: Path, config: Path, tmp_path: Path,
     exact.write_text(f"extends: {config}\ntrain: {{epochs: 1, eval_every: 1, lr: 1.0e-20}}\nmodel: {{{still}}}\n")
     historical = tmp_path / "historical.yaml"
     historical.write_text(f"extends: {exact}\nmodel: {{history_every: 3}}\n")
-    shm_before = set(os.listdir("/dev/shm"))
     records = []
     for name, cfg in (("exact", exact), ("history", historical)):
-        tag = f"dgmrecdh{os.getpid()}{name}-"
-        code, out, err = launch(["--parts", 2, "--part-config", part_config, "--config", cfg, "--seed", SEED,
-                                 "--out", tmp_path / name, "--quiet", "--timeout", LAUNCH_DEADLINE - 30], tag,
-                                tmp_path / f"{name}.log")
-        assert code == 0, err[-3000:]
-        assert_all_ended(out, tag, shm_before)
+        launch_cleanly(part_config, cfg, tmp_path / name, f"dgmrecdh{os.getpid()}{name}-", tmp_path / f"{name}.log")
         records.append(json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[0]))
     assert "history" not in records[0]
     assert records[1]["history"]["refreshes"] == math.ceil(records[1]["steps"] / 3) > 1
@@ -363,12 +363,8 @@ def test_generation_and_refinement_on_two_partitions_give_the_single_machine_row
     still = tmp_path / "still.yaml"
     still.write_text(f"extends: {config}\ntrain: {{epochs: 1, eval_every: 1, lr: 1.0e-20}}\n"
                      "model: {refine_count_from: 1, perturb_eps: 0.0}\n")      # Eq. 16 before epoch 0
-    run, tag = tmp_path / "run", f"dgmrecdr{os.getpid()}-"
-    shm_before = set(os.listdir("/dev/shm"))
-    code, out, err = launch(["--parts", 2, "--part-config", part_config, "--config", still, "--seed", SEED, "--out",
-                             run, "--quiet", "--timeout", LAUNCH_DEADLINE - 30], tag, tmp_path / "launch.log")
-    assert code == 0, err[-3000:]
-    assert_all_ended(out, tag, shm_before)
+    run = tmp_path / "run"
+    launch_cleanly(part_config, still, run, f"dgmrecdr{os.getpid()}-", tmp_path / "launch.log")
     ckpt = torch.load(run / "last.pt", weights_only=True)
     single = load_config(run / "config.yaml")
     dataset = load_dataset(single)

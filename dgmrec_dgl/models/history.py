@@ -53,10 +53,6 @@ class Histories:
         """Drop the tables: the next read refreshes them (features or graphs changed)."""
         self.tables = None
 
-    def stale(self) -> bool:
-        """True when the next :meth:`read` refreshes the tables."""
-        return self.tables is None or self.age >= self.every
-
     def refresh(self, compute: Callable[[], dict]) -> None:
         """Replace the tables by ``compute()`` (run without autograd); the next ``every`` reads return them.
 
@@ -72,7 +68,7 @@ class Histories:
 
     def read(self, compute: Callable[[], dict]) -> dict:
         """The tables, refreshed by ``compute`` when missing or ``every`` reads old."""
-        if self.stale():
+        if self.tables is None or self.age >= self.every:
             self.refresh(compute)
         self.age += 1
         return self.tables
