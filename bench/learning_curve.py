@@ -73,11 +73,13 @@ def untrained_and_popularity(config) -> tuple[dict, dict, dict]:
 
 def curve_rows(run: Path, untrained: dict, popular: dict) -> list[dict]:
     """One row per point: epoch 0 (untrained), then every validated epoch, each with the popularity ranker's."""
+    from dgmrec_dgl.train import wall_seconds
+
     rows = [{"epoch": 0, "seconds": 0.0, **{k: untrained[k] for k in METRICS}}]
     total = 0.0
     for line in (run / "log.jsonl").read_text().splitlines():
         record = json.loads(line)
-        total += sum(record.get("seconds", {}).values())
+        total += wall_seconds(record)
         if "valid" in record:
             rows.append({"epoch": record["epoch"] + 1, "seconds": total,
                          **{k: record["valid"][k] for k in METRICS}})

@@ -97,13 +97,15 @@ def run_dir(out: Path, dataset: str, model: str, mode: str, seed: int) -> Path:
 
 def curve(folder: Path) -> list[tuple[float, float]]:
     """(cumulative wall seconds, valid R@20) at every validation of a run's ``log.jsonl``."""
+    from dgmrec_dgl.train import wall_seconds
+
     points, total = [], 0.0
     log = folder / "log.jsonl"
     if not log.exists():
         return points
     for line in log.read_text().splitlines():
         record = json.loads(line)
-        total += sum(v for k, v in record.get("seconds", {}).items() if not k.startswith("train_"))
+        total += wall_seconds(record)
         if "valid" in record:
             points.append((total, record["valid"]["recall@20"]))
     return points

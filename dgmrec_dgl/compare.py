@@ -50,7 +50,7 @@ DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 QUICK = {"preset": "toy", "ratio": 2 / 3, "seeds": (999, 42), "epochs": 6}
 #: ``train:`` settings that decide how a run executes, not what it computes (beyond the summation order of
 #: multi-threaded kernels): a finished run is reused whatever they were, and runs.csv records its threads
-EXECUTION_KEYS = ("threads", "keep_freed_memory")
+EXECUTION_KEYS = ("threads", "keep_freed_memory", "checkpoint_steps")
 
 
 # ---------------------------------------------------------------------- configs and runs
@@ -119,11 +119,13 @@ def _experiment(config: dict) -> dict:
 
 def _logged_seconds(log_path: str) -> float:
     """Seconds of every logged epoch (model work, training, validation), so resumed runs count in full."""
+    from .train import wall_seconds
+
     total = 0.0
     if os.path.exists(log_path):
         with open(log_path) as fh:
             for line in fh:
-                total += sum(json.loads(line).get("seconds", {}).values())
+                total += wall_seconds(json.loads(line))
     return total
 
 

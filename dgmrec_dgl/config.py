@@ -92,6 +92,10 @@ class TrainConfig:
     # Stop every epoch after this many steps (0: every batch): smoke runs and benchmarks of catalogs whose
     # epochs are long (bench/dist_scale.py); the log records the steps each epoch ran.
     epoch_steps: int = 0
+    # Also write last.pt after every this many steps inside an epoch (0: at the end of each epoch only), so
+    # a killed run of long epochs resumes at the last such step, to the same metrics. One process only; with
+    # model.history_every a multiple of it (a resumed epoch refreshes its histories where the run did).
+    checkpoint_steps: int = 0
 
     def __setattr__(self, name, value):
         if name == "precision":
@@ -184,6 +188,16 @@ def _check_fanouts(source: str, model) -> None:
     if len(model.fanouts) != n_layers:
         raise DataError(source, "model.fanouts", f"has {len(model.fanouts)} entries but model.{key} is {n_layers}",
                         f"give one fanout per layer (input layer first), e.g. fanouts: {[10] * n_layers}")
+
+
+def _check_checkpoint_steps(source: str, config) -> None:
+    """With historical embeddings, ``train.checkpoint_steps`` must be a multiple of ``model.history_every``:
+    a resumed epoch then starts on a step where the uninterrupted run refreshed its tables too."""
+    every, history = config.train.checkpoint_steps, getattr(config.model, "history_every", 0)
+    if every and history and every % history:
+        raise DataError(source, "train.checkpoint_steps", f"{every} is not a multiple of model.history_every "
+                        f"({history}): a run resumed there would refresh its histories where the uninterrupted "
+                        f"run did not", f"use a multiple of {history}, e.g. checkpoint_steps: {history * max(1, round(every / history))}")
 
 
 @dataclass
@@ -471,6 +485,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "keep_freed_memory": ANY,
         "sample_ahead": at_least(0),                      # 0: no overlap of sampling and compute
         "epoch_steps": at_least(0),                       # 0: every batch of the epoch
+        "checkpoint_steps": at_least(0),                  # 0: last.pt at epoch ends only
     },
     "eval": {
         "ks": Rule("a non-empty list of integers >= 1", lambda v: len(v) > 0 and all(k >= 1 for k in v)),
@@ -658,6 +673,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
                 metric_source = source
     _check_select_metric(metric_source, config)
     _check_fanouts(layers[-1][0] if layers else "config", config.model)
+    _check_checkpoint_steps(layers[-1][0] if layers else "config", config)
     return config
 
 

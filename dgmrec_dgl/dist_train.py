@@ -129,6 +129,9 @@ def check_request(config: Config, part_config: str, ip_config: str | None) -> di
     if config.train.weight_decay:
         raise DataError("config", "train.weight_decay", "DGL's distributed SparseAdam has no weight decay",
                         "set train.weight_decay: 0")
+    if config.train.checkpoint_steps:
+        raise DataError("config", "train.checkpoint_steps", f"is {config.train.checkpoint_steps}: training on "
+                        "partitions checkpoints at epoch ends only", "set train.checkpoint_steps: 0")
     if config.train.negatives == "train_items":
         raise DataError("config", "train.negatives", "train_items is not supported on partitions (each trainer "
                         "draws among every item)", "set train.negatives: all")

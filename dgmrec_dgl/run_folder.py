@@ -35,7 +35,7 @@ RUN_FILES = ("config.yaml", FINGERPRINT_FILE, *TRAINING_FILES, "curves.png", "ev
 LOCK_FILE = "train.lock"
 #: config keys a resumed run may change: they do not change the maths (``train.epochs`` extends the run)
 RESUMABLE_KEYS = ("train.epochs", "train.threads", "train.keep_freed_memory", "train.sample_ahead",
-                  "data.allow_pickle")
+                  "train.checkpoint_steps", "data.allow_pickle")
 
 
 def writes_run_folder() -> bool:

@@ -21,7 +21,8 @@ Per epoch (the reference schedule, DGMRec_SPEC §1 and §4):
 
 Each epoch appends one JSON line to ``log.jsonl`` (losses; seconds in training, generation/refinement and
 evaluation). ``last.pt`` is written atomically after every epoch (the one before it kept as ``last.prev.pt``),
-so ``resume=True`` continues a killed run to the same result as an uninterrupted one; a ``last.pt`` that does
+and with ``train.checkpoint_steps: N`` after every N-th step inside one (for epochs of hours), so
+``resume=True`` continues a killed run to the same result as an uninterrupted one; a ``last.pt`` that does
 not load falls back to ``last.prev.pt`` with a warning. Checkpoints hold tensors and plain values only and
 load with ``torch.load(weights_only=True)``. ``metrics.json`` says whether the run ``finished`` (all its
 epochs, or early stopping). The run folder's ownership (lock, refusal of another run's files, resuming under
@@ -114,6 +115,8 @@ class RunState:
     best_epoch: int = -1
     bad_validations: int = 0
     stopped: bool = False
+    step: int = 0                       # steps of epoch ``epoch`` taken before a mid-epoch checkpoint
+    partial: dict | None = None         # that epoch's record so far (:func:`run_epoch`)
 
 
 @dataclass
@@ -199,8 +202,9 @@ _SAMPLER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_pref
 
 
 def epoch_batches(model: Recommender, g, triples, batch_size: int, seed: int, epoch: int, *, ahead: int = 2,
-                  timing: dict | None = None, inline: bool = False):
-    """The epoch's :class:`Batch` es, in order: ``model.sample_batch`` on each slice of ``triples``.
+                  timing: dict | None = None, inline: bool = False, first: int = 0):
+    """The epoch's :class:`Batch` es, in order: ``model.sample_batch`` on each slice of ``triples``, from
+    batch ``first`` on (a run resumed inside the epoch; each batch is the same whatever ``first``).
 
     In sampled mode the batches are drawn on the sampler thread (DGL's samplers release the GIL), up to
     ``ahead`` batches ahead of the step that consumes them, so sampling overlaps the compute; ``ahead=0``
@@ -225,12 +229,12 @@ def epoch_batches(model: Recommender, g, triples, batch_size: int, seed: int, ep
         return batch
 
     if inline or model.execution() != "sampled":
-        for i in range(len(starts)):
+        for i in range(first, len(starts)):
             yield make(i)
         return
-    pending = collections.deque(_SAMPLER.submit(make, i) for i in range(min(ahead, len(starts))))
+    pending = collections.deque(_SAMPLER.submit(make, i) for i in range(first, min(first + ahead, len(starts))))
     try:
-        for i in range(len(starts)):
+        for i in range(first, len(starts)):
             if i + ahead < len(starts):
                 pending.append(_SAMPLER.submit(make, i + ahead))
             t = time.perf_counter()
@@ -319,6 +323,9 @@ def _setup(config: Config, out_dir: str) -> Session:
                         "set train.keep_freed_memory: false")
     dataset = load_dataset(config)
     model = build_model(config, dataset)
+    if world.size > 1 and tcfg.checkpoint_steps:
+        raise DataError("config", "train.checkpoint_steps", f"is {tcfg.checkpoint_steps}: checkpoints inside an "
+                        "epoch are written by one process only", "set train.checkpoint_steps: 0, or train with --nproc 1")
     if world.size > 1 and model.execution() == "sampled":
         raise DataError("config", "model.execution", "sampled mode does not run data-parallel on torch.distributed "
                         "(its row-sparse gradients are not all-reduced)",
@@ -417,40 +424,76 @@ STEP_BAR_MIN_STEPS = 200
 
 
 def run_epoch(s: Session, epoch: int, *, progress: bool = False) -> dict:
-    """One epoch: the model's per-epoch work, then a step per batch; returns the epoch's log record."""
+    """One epoch: the model's per-epoch work, then a step per batch; returns the epoch's log record.
+
+    With ``train.checkpoint_steps: N`` ``last.pt`` is also written after every N-th step. An epoch resumed
+    from such a checkpoint (``s.state.step`` steps taken) skips the per-epoch work, whose results (parameters,
+    graphs, generator) the checkpoint holds, and the steps taken, and goes on with the record it held:
+    summed losses, seconds (``train`` adds up the sittings; ``checkpoint`` is the writing), and
+    ``resumed_at_step``.
+    """
     tcfg, model = s.config.train, s.model
-    record: dict = {"epoch": epoch, "execution": model.execution()}
     model.train()
-    t0 = time.perf_counter()
-    s.g, record["before_epoch"] = model.before_epoch(epoch, s.g, s.generator)
+    first = s.state.step
+    if first:
+        record, sums, timing = (s.state.partial[k] for k in ("record", "sums", "timing"))
+        record["resumed_at_step"] = record.get("resumed_at_step", []) + [first]
+    else:
+        record, sums, timing = {"epoch": epoch, "execution": model.execution()}, {}, {}
+        t0 = time.perf_counter()
+        s.g, record["before_epoch"] = model.before_epoch(epoch, s.g, s.generator)
+        record["seconds"] = {"train": 0.0, "before_epoch": time.perf_counter() - t0}
+    seconds = record["seconds"]
     t1 = time.perf_counter()
     triples = epoch_triples(s.dataset, tcfg.seed, epoch, train_switch(s.config, "negatives"))
     if tcfg.epoch_steps:            # the epoch's first epoch_steps batches only
         triples = tuple(t[:tcfg.epoch_steps * tcfg.batch_size] for t in triples)
     n_batches = math.ceil(len(triples[0]) / tcfg.batch_size)
     record["steps"] = n_batches
-    sums: dict[str, float] = {}
-    timing: dict[str, float] = {}
     refreshed = refresh_totals(model)
+
+    def add_refreshes():            # the refreshes of the historical embeddings, inside the training seconds
+        nonlocal refreshed
+        if histories_of(model):
+            new, old = refreshes_since(model, refreshed), record.get("history", {"refreshes": 0, "seconds": 0.0})
+            record["history"] = {"refreshes": old["refreshes"] + new["refreshes"],
+                                 "seconds": round(old["seconds"] + new["seconds"], 3)}
+            refreshed = refresh_totals(model)
+
     if s.world.size == 1:
         batches = epoch_batches(model, s.g, triples, tcfg.batch_size, tcfg.seed, epoch, ahead=tcfg.sample_ahead,
-                                timing=timing)
-        for batch in tqdm(batches, total=n_batches, desc=f"epoch {epoch}", leave=False, unit="step",
-                          disable=not progress or n_batches < STEP_BAR_MIN_STEPS):
+                                timing=timing, first=first)
+        bar = tqdm(batches, initial=first, total=n_batches, desc=f"epoch {epoch}", leave=False, unit="step",
+                   disable=not progress or n_batches < STEP_BAR_MIN_STEPS)
+        for step, batch in enumerate(bar, start=first + 1):
             parts = training_step(model, s.g, batch, s.optimizer, s.generator, s.step_precision)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
+            if tcfg.checkpoint_steps and step % tcfg.checkpoint_steps == 0 and step < n_batches:
+                t = time.perf_counter()
+                seconds["train"] += t - t1
+                add_refreshes()
+                s.state.step, s.state.partial = step, {"record": record, "sums": sums, "timing": dict(timing)}
+                _save_last(s)
+                t1 = time.perf_counter()
+                seconds["checkpoint"] = seconds.get("checkpoint", 0.0) + t1 - t
     else:
         _train_epoch_sharded(s, triples, epoch, sums)
     s.scheduler.step()
-    t2 = time.perf_counter()
+    seconds["train"] += time.perf_counter() - t1
+    s.state.step, s.state.partial = 0, None
     record["loss"] = {k: v / max(n_batches, 1) for k, v in sums.items()}
     record["lr"] = s.optimizer.param_groups[0]["lr"]
-    if histories_of(model):             # the refreshes of the historical embeddings, inside the training seconds
-        record["history"] = refreshes_since(model, refreshed)
-    record["seconds"] = {"train": t2 - t1, "before_epoch": t1 - t0,
-                         **({f"train_{k}": v for k, v in timing.items()} if model.execution() == "sampled" else {})}
+    add_refreshes()
+    if model.execution() == "sampled":
+        seconds.update({f"train_{k}": v for k, v in timing.items()})
     return record
+
+
+def wall_seconds(record: dict) -> float:
+    """The wall-clock seconds a ``log.jsonl`` record accounts for: its ``seconds`` entries but the parts of
+    ``train`` (sampled mode's ``train_sample``, the sampler thread's work beside the steps, and ``train_wait``)."""
+    return sum(v for k, v in record.get("seconds", {}).items() if not k.startswith("train_"))
 
 
 def epoch_triples(dataset: Dataset, seed: int, epoch: int,
@@ -509,6 +552,11 @@ def _checkpoint(s: Session, record: dict) -> None:
     """Append the epoch's record to ``log.jsonl`` and write ``last.pt`` (atomically; the previous one kept)."""
     with open(s.path("log.jsonl"), "a") as fh:
         fh.write(json.dumps(record) + "\n")
+    _save_last(s)
+
+
+def _save_last(s: Session) -> None:
+    """``last.pt``: everything a run resumes from (:data:`CHECKPOINT_KEYS`), atomically; the previous one kept."""
     _save(s.path(LAST_CHECKPOINT), keep_previous=s.path(PREVIOUS_CHECKPOINT),
           model=s.model.state_dict(), optimizer=s.optimizer.state_dict(),
           scheduler=s.scheduler.state_dict(),

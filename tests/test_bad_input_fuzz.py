@@ -73,6 +73,7 @@ CONFIG_CASES = [
     (None, "model", "user_items_sample", "0"), (None, "model", "item_users_sample", "-5"),
     (None, "model", "history_every", "-1"), ("lightgcn", "model", "history_every", "2.5"),
     (None, "train", "sample_ahead", "-1"), (None, "train", "epoch_steps", "-1"), (None, "eval", "user_sample", "-100"),
+    (None, "train", "checkpoint_steps", "-2"),
     (None, "model", "generate", "1"),
     # the release-vs-paper switches (config.FIDELITY)
     (None, "model", "fidelity", "journal"), (None, "model", "knn_candidates", "missing"),
