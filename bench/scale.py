@@ -871,6 +871,100 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     return sorted(rows.values(), key=lambda r: (r["n"], *(-w for w in widths(r)), STAGES.index(r["stage"])))
 
 
+def run_rows(run: Path) -> list[dict]:
+    """The rows a training run measured (``dgmrec-dgl train`` of DGMRec or LightGCN on a ``scale<n>`` folder,
+    e.g. with ``configs/dgmrec/scale.yaml``): its first epoch as the ``<model>_epoch`` row and the test pass of
+    its first validation as the ``evaluate`` (``lightgcn_evaluate``) row, keyed by the run's catalog and
+    widths. The epoch is measured whole (``kind = measured``; ``partial`` under ``train.epoch_steps``), in one
+    sitting or in several (a run resumed inside the epoch, ``train.checkpoint_steps``): ``seconds`` adds up
+    the per-epoch work, the steps and the writing of the checkpoints; ``sittings`` and ``resumed_at_step`` are
+    in the details. The test pass: the embeddings' forward plus the ranking of every test user. Peak RSS is the
+    process's high-water mark by the end of that epoch's validation (``ru_maxrss``); no CPU seconds.
+    ``DataError`` naming the file when ``run`` is not such a run.
+    """
+    import yaml
+
+    from dgmrec_dgl.errors import DataError
+
+    files = {name: run / name for name in ("config.yaml", "log.jsonl")}
+    for name, path in files.items():
+        if not path.exists():
+            raise DataError(path, "--from-run", "not found", "pass the folder of a `dgmrec-dgl train` run")
+    config = yaml.safe_load(files["config.yaml"].read_text())
+    model, data = config["model"]["name"], Path(config["data"]["dir"])
+    lines = files["log.jsonl"].read_text().splitlines()
+    if model not in ("dgmrec", "lightgcn") or not lines or not (data / "synthetic.json").exists():
+        raise DataError(run, "--from-run", f"{model} on {data}, {len(lines)} logged epochs", "pass a run of DGMRec "
+                        "or LightGCN on a bench/scale.py data folder (scale<n>) that has finished an epoch")
+    epoch = json.loads(lines[0])
+    with open(data / "synthetic.json") as fh:
+        made = json.load(fh)
+    n, kept = made["config"]["n_items"], made["counts"]["kept"]
+    reduce = config["data"].get("reduce_dims")
+    dims = {m: min(d, reduce.get(m, d) if isinstance(reduce, dict) else (reduce or d))
+            for m, d in made["config"]["dims"].items()}
+    steps_per_epoch = math.ceil(kept["n_train"] / config["train"]["batch_size"])
+    seconds = epoch["seconds"]
+    compute = seconds["train"] - seconds.get("train_wait", 0.0)
+    history = epoch.get("history", {})
+    label = f"trainer run {run}"
+    reduced = {m: d for m, d in dims.items() if d < made["config"]["dims"][m]}
+    common = dict(n=n, n_items=kept["n_items"], n_users=kept["n_users"], n_train=kept["n_train"],
+                  image_dims_trained=dims["image"], text_dims_trained=dims["text"],
+                  reduce_dims=json.dumps(reduced) if reduced else "", execution=config["model"]["execution"],
+                  run=label, status="ok", peak_rss_gb=epoch.get("peak_rss_gb"), mode=epoch["execution"])
+    details = {"source": str(run), "steps": epoch["steps"], "steps_per_epoch": steps_per_epoch,
+               "sittings": 1 + len(epoch.get("resumed_at_step", [])), "resumed_at_step": epoch.get("resumed_at_step", []),
+               "before_epoch_s": seconds["before_epoch"], "train_s": seconds["train"],
+               "checkpoint_s": seconds.get("checkpoint", 0.0), "steps_per_s": epoch["steps"] / compute,
+               "sampler_busy_s": seconds.get("train_sample"), "step_wait_s": seconds.get("train_wait"),
+               "sampling_share": seconds.get("train_sample", 0.0) / seconds["train"],
+               "history_refreshes": history.get("refreshes", 0), "history_refresh_s": history.get("seconds", 0.0),
+               "before_epoch_log": epoch.get("before_epoch", {}), "threads": config["train"]["threads"],
+               "note": "seconds = before_epoch_s + train_s + checkpoint_s (the epoch's wall time, all sittings)"}
+    rows = [dict(common, stage=f"{model}_epoch",
+                 seconds=seconds["before_epoch"] + seconds["train"] + seconds.get("checkpoint", 0.0),
+                 kind="measured" if epoch["steps"] == steps_per_epoch else "partial",
+                 details=json.dumps(details, sort_keys=True))]
+    tested = next((json.loads(line) for line in lines if "test" in json.loads(line)), None)
+    if tested is not None:
+        parts = tested["eval_seconds"]
+        rows.append(dict(common, stage="evaluate" if model == "dgmrec" else "lightgcn_evaluate", kind="measured",
+                         seconds=parts["embeddings"] + parts["test"], peak_rss_gb=tested.get("peak_rss_gb"),
+                         details=json.dumps({"source": str(run), "after_epoch": tested["epoch"],
+                                             "forward_s": parts["embeddings"], "ranking_s": parts["test"],
+                                             "n_test_users": tested["test"].get("n_users"),
+                                             "recall_at_20": tested["test"].get("recall@20"),
+                                             "scored_share": tested["test"].get("scored_share")}, sort_keys=True)))
+    return rows
+
+
+def add_run_rows(run: Path, out: Path) -> int:
+    """``--from-run``: merge :func:`run_rows` into ``out/scale.json`` (the earlier meta kept in
+    ``previous_runs``), rewrite the CSV and plot, print the table; 2 and one line on bad input."""
+    from dgmrec_dgl.errors import DataError
+
+    try:
+        new = run_rows(run)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rows, meta = [], {}
+    if (out / "scale.json").exists():
+        with open(out / "scale.json") as fh:
+            old = json.load(fh)
+        rows = old["rows"]
+        meta = dict(old["meta"], previous_runs=old["meta"].get("previous_runs", []) + [
+            {k: v for k, v in old["meta"].items() if k != "previous_runs"}])
+    meta.update(argv=sys.argv[1:], from_run=str(run), started=time.strftime("%Y-%m-%d %H:%M:%S"),
+                note="rows from a training run's log (run_rows); other rows as their runs measured them")
+    rows = merge_rows(rows, new)
+    write_results(rows, meta, out)
+    print_table(rows)
+    print(f"added {', '.join(r['stage'] for r in new)} of {run} to {out / 'scale.json'}")
+    return 0
+
+
 def reused_generate(data: Path) -> dict:
     """The ``generate`` record of a run that reuses the finished dataset in ``data``: what is on disk."""
     files = dir_bytes(data)
@@ -936,6 +1030,8 @@ def plot(rows: list[dict], path: Path) -> None:
             for ax, key in ((axes[0], "seconds"), (axes[1], "cpu_seconds")):
                 # a partial epoch's seconds are not an epoch's: memory only
                 cpts = [r for r in pts if r.get(key) is not None and r.get("kind") != "partial"]
+                if not cpts:        # e.g. no CPU seconds: rows from a training run's log
+                    continue
                 ax.plot([r["n"] for r in cpts], [r[key] for r in cpts], style, color=color, label=label)
                 for r in cpts:
                     hollow = r.get("kind") == "extrapolated"
@@ -1077,6 +1173,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-merge", dest="merge", action="store_false",
                    help="start the results afresh (default: keep the rows of the other (size, image width) "
                         "pairs already in --out/scale.json and replace only the measured ones)")
+    p.add_argument("--from-run", type=Path, default=None,
+                   help="add the rows a training run measured (its epoch, whole over its sittings, and its test pass; "
+                        "see run_rows) to --out and exit")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -1087,6 +1186,8 @@ def main(argv=None) -> int:
         (worker_generate if kind == "generate" else worker_pipeline)(spec)
         return 0
 
+    if args.from_run:
+        return add_run_rows(args.from_run, args.out)
     if args.profile_steps < 0:
         p.error(f"--profile-steps {args.profile_steps}: give 0 (no profile) or more steps")
     sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)

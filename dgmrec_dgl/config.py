@@ -54,7 +54,9 @@ class DataConfig:
     # they are; feature_dtype is the dtype of matrices the data path creates (float64 files' conversion,
     # reduced features): float32 or float16.
     feature_dtype: str = "float32"
-    reduce_dims: int | None = None     # PCA: every modality wider than this is projected to this width
+    # PCA: every modality wider than this is projected to this width, or a mapping modality -> width
+    # ({image: 256}: only the image, the 1M preset's widths; the other modalities stay as they are)
+    reduce_dims: int | dict[str, int] | None = None
     reduce_sample: int = 50_000        # rows (items having the modality) the PCA is fitted on
     reduce_seed: int = 0               # seed of the PCA sample and random projection
 
@@ -467,7 +469,9 @@ RULES: dict[str, dict[str, Rule]] = {
         "new_items_protocol": one_of(*NEW_ITEMS_PROTOCOLS),
         "inject": one_of(*INJECTIONS),
         "feature_dtype": one_of(*FEATURE_DTYPES),
-        "reduce_dims": at_least(1),
+        "reduce_dims": Rule("an integer >= 1, or a mapping of modality names to integers >= 1 ({image: 256})",
+                            lambda v: (_is_int(v) and v >= 1) or (isinstance(v, dict) and len(v) > 0 and all(
+                                isinstance(m, str) and _is_int(d) and d >= 1 for m, d in v.items()))),
         "reduce_sample": at_least(1),
     },
     "train": {
@@ -589,7 +593,10 @@ def _coerce(path: str, key: str, value, kind):
     if origin is typing.Union or (origin is not None and type(None) in args):
         if value is None:
             return None
-        kind = next(a for a in args if a is not type(None))
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) > 1:              # int | dict (data.reduce_dims): its rule checks the value
+            return value
+        kind = kinds[0]
         origin = typing.get_origin(kind)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):

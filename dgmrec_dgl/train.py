@@ -20,7 +20,7 @@ Per epoch (the reference schedule, DGMRec_SPEC §1 and §4):
 :func:`_checkpoint`.
 
 Each epoch appends one JSON line to ``log.jsonl`` (losses; seconds in training, generation/refinement and
-evaluation). ``last.pt`` is written atomically after every epoch (the one before it kept as ``last.prev.pt``),
+evaluation, the evaluation's parts in ``eval_seconds``; ``peak_rss_gb``, the process's peak so far). ``last.pt`` is written atomically after every epoch (the one before it kept as ``last.prev.pt``),
 and with ``train.checkpoint_steps: N`` after every N-th step inside one (for epochs of hours), so
 ``resume=True`` continues a killed run to the same result as an uninterrupted one; a ``last.pt`` that does
 not load falls back to ``last.prev.pt`` with a warning. Checkpoints hold tensors and plain values only and
@@ -42,6 +42,7 @@ import ctypes
 import json
 import math
 import os
+import resource
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -100,8 +101,16 @@ def load_dataset(config: Config, *, prepare_features: bool = True) -> Dataset:
         mask = MissingMask.load(path, dataset.n_items, dataset.modalities or None, allow_pickle=cfg.allow_pickle)
     elif cfg.missing_ratio is not None:
         mask = MissingMask.generate(dataset.n_items, dataset.modalities, cfg.missing_ratio, cfg.mask_seed)
-    dataset = dataset.reduced(cfg.reduce_dims, sample=cfg.reduce_sample, seed=cfg.reduce_seed,
-                              dtype=cfg.feature_dtype, mask=mask)
+    unknown = sorted(set(cfg.reduce_dims) - set(dataset.modalities)) if isinstance(cfg.reduce_dims, dict) else []
+    if unknown:
+        raise DataError("config", "data.reduce_dims", f"names {', '.join(unknown)}, which {cfg.dir} does not have",
+                        f"name modalities among {', '.join(dataset.modalities)}, or give one width for all")
+    try:
+        dataset = dataset.reduced(cfg.reduce_dims, sample=cfg.reduce_sample, seed=cfg.reduce_seed,
+                                  dtype=cfg.feature_dtype, mask=mask)
+    except ValueError as exc:           # a width the data cannot give (too few items to fit, not narrower)
+        raise DataError("config", "data.reduce_dims", f"{cfg.reduce_dims} on {cfg.dir}: {exc}",
+                        "lower data.reduce_dims (or leave it out)") from None
     if mask is not None:
         dataset = dataset.with_mask(mask, imputation=cfg.imputation)
     return apply_injection(dataset, cfg)   # data.inject: none (default), mean or nn (dgmrec_dgl.inject)
@@ -154,8 +163,12 @@ def _save(path, *, keep_previous: str | None = None, **payload):
 
 
 def _load(path) -> dict:
-    """A checkpoint written by :func:`_save`; only tensors and plain values are unpickled."""
-    return torch.load(path, weights_only=True)
+    """A checkpoint written by :func:`_save`; only tensors and plain values are unpickled.
+
+    Memory-mapped (private, copy-on-write): a 1M-item DGMRec checkpoint holds ~10 GB of tables and Adam
+    moments, which would otherwise sit in memory beside the model they are copied into.
+    """
+    return torch.load(path, weights_only=True, mmap=True)
 
 
 def _lr_factor(config: Config):
@@ -284,6 +297,7 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
             if s.main:
                 validate_and_keep_best(s, epoch, record, progress=progress)
         record["seconds"]["eval"] = time.perf_counter() - t
+        record["peak_rss_gb"] = round(peak_rss_gb(), 3)
         if s.world.size > 1:
             s.state = RunState(**distributed.broadcast_object(asdict(s.state)))   # rank 0 decides early stopping
             record["replicas"] = _check_replicas(s.model, s.generator, epoch)
@@ -490,6 +504,11 @@ def run_epoch(s: Session, epoch: int, *, progress: bool = False) -> dict:
     return record
 
 
+def peak_rss_gb() -> float:
+    """The process's peak resident memory so far, GiB (the kernel's high-water mark)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20        # KiB on Linux
+
+
 def wall_seconds(record: dict) -> float:
     """The wall-clock seconds a ``log.jsonl`` record accounts for: its ``seconds`` entries but the parts of
     ``train`` (sampled mode's ``train_sample``, the sampler thread's work beside the steps, and ``train_wait``)."""
@@ -525,15 +544,21 @@ def validate_and_keep_best(s: Session, epoch: int, record: dict, *, progress: bo
     Distributed training passes both, computed over the partitions.
     """
     config, model, state = s.config, s.model, s.state
+    t = time.perf_counter()
     if embeddings is None:
         embeddings = model_embeddings(model, model.scoring_graph(s.g))
+    timing = record["eval_seconds"] = {"embeddings": time.perf_counter() - t}     # parts of seconds.eval
+    t = time.perf_counter()
     valid = evaluate_embeddings(*embeddings, s.dataset, "valid", config, user_sample=config.eval.user_sample,
                                 progress=progress)
+    timing["valid"] = time.perf_counter() - t
     record["valid"] = valid
     metric = valid[config.eval.select_metric]
     if metric > state.best_metric:
         state.best_metric, state.best_epoch, state.bad_validations = metric, epoch, 0
+        t = time.perf_counter()
         test = evaluate_embeddings(*embeddings, s.dataset, "test", config, by_missing_level=True, progress=progress)
+        timing["test"] = time.perf_counter() - t
         record["test"] = test
         _save(s.path("best.pt"), model=model.state_dict() if model_state is None else model_state, epoch=epoch,
               graph_state=model.graph_state())

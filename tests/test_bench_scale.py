@@ -237,3 +237,47 @@ def test_profile_steps_splits_a_sampled_dgmrec_step_by_term(scale, tiny_data):
     assert terms["phases"]["step"] >= terms["phases"]["forward"] > 0
     with pytest.raises(SystemExit):
         scale.main(["--sizes", "300", "--work", str(work), "--profile-steps", "-1"])
+
+
+def test_from_run_adds_a_training_runs_epoch_over_two_sittings_and_its_test_pass(scale, tiny_data, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """``configs/dgmrec/scale.yaml`` on the 300-item catalog, stopped inside its epoch after a checkpoint and
+    resumed; ``--from-run`` turns its log into the ``dgmrec_epoch`` and ``evaluate`` rows."""
+    import dgmrec_dgl.train as train_module
+    from dgmrec_dgl.config import load_config
+
+    work, _ = tiny_data
+    config = load_config("configs/dgmrec/scale.yaml", {
+        "data": {"dir": str(work / "scale300"), "reduce_dims": {"image": 64}},
+        "train": {"threads": 1, "batch_size": 512, "checkpoint_steps": 2},
+        "eval": {"user_sample": 50}, "model": {"history_every": 1}})
+    assert config.train.epochs == 1 and load_config("configs/dgmrec/scale.yaml").data.reduce_dims == {"image": 256}
+    run, step, calls = tmp_path / "run", train_module.training_step, []
+
+    def dies(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "training_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(config, str(run), progress=False)
+    monkeypatch.setattr(train_module, "training_step", step)
+    train_module.train(config, str(run), resume=True, progress=False)
+
+    out = tmp_path / "out"
+    assert scale.main(["--from-run", str(run), "--out", str(out)]) == 0
+    with open(out / "scale.json") as fh:
+        rows = {r["stage"]: r for r in json.load(fh)["rows"]}
+    epoch, test = rows["dgmrec_epoch"], rows["evaluate"]
+    assert (epoch["n"], scale.widths(epoch), epoch["kind"], epoch["mode"]) == (300, (64, 384), "measured", "sampled")
+    details = json.loads(epoch["details"])
+    assert details["sittings"] == 2 and details["resumed_at_step"] == [2]
+    assert details["steps"] == details["steps_per_epoch"] > 2 and details["history_refreshes"] == details["steps"]
+    assert epoch["seconds"] == pytest.approx(details["before_epoch_s"] + details["train_s"] + details["checkpoint_s"])
+    assert details["checkpoint_s"] > 0 and epoch["peak_rss_gb"] > 0
+    assert test["kind"] == "measured" and json.loads(test["details"])["n_test_users"] > 50    # every test user
+    assert scale.main(["--from-run", str(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.yaml" in err[0] and "fix:" in err[0]

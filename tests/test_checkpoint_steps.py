@@ -66,6 +66,9 @@ def test_a_run_killed_inside_an_epoch_resumes_at_its_last_checkpoint_to_the_same
         assert a.get("before_epoch") == b.get("before_epoch") and a.get("history", {}).get("refreshes") == \
             b.get("history", {}).get("refreshes")
     assert "checkpoint" in after[1]["seconds"] and held["step"] < after[1]["steps"]
+    first = before[0]                   # the first validation is the best so far: it tests too
+    assert set(first["eval_seconds"]) == {"embeddings", "valid", "test"} and first["peak_rss_gb"] > 0
+    assert sum(first["eval_seconds"].values()) <= first["seconds"]["eval"]
 
 
 def test_checkpoint_steps_off_the_history_refreshes_is_refused_naming_both_keys(sparse_dir):

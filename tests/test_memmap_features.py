@@ -218,6 +218,25 @@ def test_data_config_keys(tmp_path):
     path.write_text("data:\n  reduce_dims: many\n")
     with pytest.raises(DataError, match="reduce_dims"):
         load_config(path)
+    path.write_text("data:\n  reduce_dims: {image: 0}\n")
+    with pytest.raises(DataError, match="reduce_dims"):
+        load_config(path)
+
+
+def test_reduce_dims_as_a_mapping_reduces_the_named_modalities_only(wide_dir):
+    from dgmrec_dgl.train import load_dataset
+
+    def loaded(dims):
+        return load_dataset(load_config(None, {"data": {"dir": str(wide_dir), "missing_ratio": 0.5,
+                                                        "reduce_dims": dims}}))
+
+    one = loaded({"image": 5})
+    assert one.features["image"].shape == (40, 5) and one.features["text"].shape == (40, 4)
+    assert set(one.reduction) == {"image"}
+    every = loaded(3)
+    assert every.features["image"].shape == (40, 3) and every.features["text"].shape == (40, 3)
+    with pytest.raises(DataError, match=r"data\.reduce_dims: names audio, which .* does not have"):
+        loaded({"audio": 2})
 
 
 def test_synth_writes_float16_features(tmp_path, capsys):
