@@ -20,11 +20,12 @@ Per epoch (the reference schedule, DGMRec_SPEC §1 and §4):
 :func:`_checkpoint`.
 
 Each epoch appends one JSON line to ``log.jsonl`` (losses; seconds in training, generation/refinement and
-evaluation, the evaluation's parts in ``eval_seconds``; ``peak_rss_gb``, the process's peak so far). ``last.pt`` is written atomically after every epoch (the one before it kept as ``last.prev.pt``),
-and with ``train.checkpoint_steps: N`` after every N-th step inside one (for epochs of hours), so
-``resume=True`` continues a killed run to the same result as an uninterrupted one; a ``last.pt`` that does
-not load falls back to ``last.prev.pt`` with a warning. Checkpoints hold tensors and plain values only and
-load with ``torch.load(weights_only=True)``. ``metrics.json`` says whether the run ``finished`` (all its
+evaluation, the evaluation's parts in ``eval_seconds``; ``peak_rss_gb``, the process's peak so far).
+``last.pt`` is written atomically after every epoch (the one before it kept as ``last.prev.pt``), and with
+``train.checkpoint_steps: N`` after every N-th step inside one (for epochs of hours), so ``resume=True``
+continues a killed run to the same result as an uninterrupted one; a ``last.pt`` that does not load falls
+back to ``last.prev.pt`` with a warning. Checkpoints hold tensors and plain values only and load with
+``torch.load(weights_only=True)`` (memory-mapped). ``metrics.json`` says whether the run ``finished`` (all its
 epochs, or early stopping). The run folder's ownership (lock, refusal of another run's files, resuming under
 the same config) is :mod:`dgmrec_dgl.run_folder`'s, around this loop.
 
@@ -202,7 +203,13 @@ def batch_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def _on_sampler_thread():
-    """The first call makes this thread DGL's sampler thread: its kernels on one OpenMP thread (see below)."""
+    """The first call makes this thread DGL's sampler thread: its kernels on one OpenMP thread (see below).
+
+    Torch sets a thread's OpenMP thread count to its own (``torch.set_num_threads``) the first time the thread
+    asks for it, which any torch kernel does; left to the first batch, that reset two DGL draws to 2 threads at
+    50K items (whose draws then differed run to run). Asking first makes the count of one stick.
+    """
+    torch.get_num_threads()
     dgl_threads(1)
 
 

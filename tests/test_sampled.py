@@ -169,6 +169,20 @@ def test_the_same_batch_seed_draws_the_same_blocks_in_the_sampler_thread(sparse_
     assert signature(2, ahead=2) != first
 
 
+def test_the_sampler_thread_keeps_one_openmp_thread_after_torch_ran_there():
+    """Torch sets a thread's OpenMP count to its own when the thread first asks; the sampler thread must keep
+    DGL's draws on one thread anyway (on 2, at 50K items, two runs drew different neighbours)."""
+    import dgmrec_dgl.train as train_module
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # a torch kernel on the sampler thread, then the OpenMP count DGL's kernels there get
+        assert train_module._SAMPLER.submit(lambda: (torch.ones(1 << 17).sum(), torch.get_num_threads())[1]).result() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_lazy_adam_matches_sparse_adam_and_leaves_unread_rows_alone():
     torch.manual_seed(0)
     ours = torch.nn.Parameter(torch.randn(10, 4))
