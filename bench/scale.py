@@ -907,12 +907,11 @@ def run_rows(run: Path) -> list[dict]:
     seconds = epoch["seconds"]
     compute = seconds["train"] - seconds.get("train_wait", 0.0)
     history = epoch.get("history", {})
-    label = f"trainer run {run}"
     reduced = {m: d for m, d in dims.items() if d < made["config"]["dims"][m]}
     common = dict(n=n, n_items=kept["n_items"], n_users=kept["n_users"], n_train=kept["n_train"],
                   image_dims_trained=dims["image"], text_dims_trained=dims["text"],
                   reduce_dims=json.dumps(reduced) if reduced else "", execution=config["model"]["execution"],
-                  run=label, status="ok", peak_rss_gb=epoch.get("peak_rss_gb"), mode=epoch["execution"])
+                  run=f"trainer run {run}", status="ok", peak_rss_gb=epoch.get("peak_rss_gb"), mode=epoch["execution"])
     details = {"source": str(run), "steps": epoch["steps"], "steps_per_epoch": steps_per_epoch,
                "sittings": 1 + len(epoch.get("resumed_at_step", [])), "resumed_at_step": epoch.get("resumed_at_step", []),
                "before_epoch_s": seconds["before_epoch"], "train_s": seconds["train"],
