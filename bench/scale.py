@@ -103,6 +103,11 @@ the stages ``--stages`` left out; ``run`` (the start time of the run that measur
 ``execution`` tell them apart, and the earlier runs' settings and load averages stay in
 ``meta.previous_runs``. ``--no-merge`` starts the files afresh.
 
+Rows from a training run: an epoch longer than a session here (DGMRec at 1M items) is measured by the
+trainer instead, over sittings (``dgmrec-dgl train --config configs/dgmrec/scale.yaml --data W/scale<n>``,
+then ``--resume``; ``last.pt`` every ``train.checkpoint_steps`` steps), and ``--from-run RUN`` adds that run's
+epoch and test pass to the results (:func:`run_rows`).
+
 Writes ``scale.json``, ``scale.csv`` and ``scale.png`` (log-log vs catalog size: wall seconds, CPU seconds
 and peak GB per stage, GB on disk; solid lines full width, dashed / dotted reduced, hollow markers
 extrapolated) into ``--out`` (``bench/results``) atomically after every size, and prints a table and the
@@ -913,7 +918,8 @@ def run_rows(run: Path) -> list[dict]:
                   reduce_dims=json.dumps(reduced) if reduced else "", execution=config["model"]["execution"],
                   run=f"trainer run {run}", status="ok", peak_rss_gb=epoch.get("peak_rss_gb"), mode=epoch["execution"])
     details = {"source": str(run), "steps": epoch["steps"], "steps_per_epoch": steps_per_epoch,
-               "sittings": 1 + len(epoch.get("resumed_at_step", [])), "resumed_at_step": epoch.get("resumed_at_step", []),
+               "sittings": 1 + len(epoch.get("resumed_at_step", [])),
+               "resumed_at_step": epoch.get("resumed_at_step", []),
                "before_epoch_s": seconds["before_epoch"], "train_s": seconds["train"],
                "checkpoint_s": seconds.get("checkpoint", 0.0), "steps_per_s": epoch["steps"] / compute,
                "sampler_busy_s": seconds.get("train_sample"), "step_wait_s": seconds.get("train_wait"),

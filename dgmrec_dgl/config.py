@@ -199,7 +199,8 @@ def _check_checkpoint_steps(source: str, config) -> None:
     if every and history and every % history:
         raise DataError(source, "train.checkpoint_steps", f"{every} is not a multiple of model.history_every "
                         f"({history}): a run resumed there would refresh its histories where the uninterrupted "
-                        f"run did not", f"use a multiple of {history}, e.g. checkpoint_steps: {history * max(1, round(every / history))}")
+                        f"run did not",
+                        f"use a multiple of {history}, e.g. checkpoint_steps: {history * max(1, round(every / history))}")
 
 
 @dataclass

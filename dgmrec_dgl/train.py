@@ -346,7 +346,8 @@ def _setup(config: Config, out_dir: str) -> Session:
     model = build_model(config, dataset)
     if world.size > 1 and tcfg.checkpoint_steps:
         raise DataError("config", "train.checkpoint_steps", f"is {tcfg.checkpoint_steps}: checkpoints inside an "
-                        "epoch are written by one process only", "set train.checkpoint_steps: 0, or train with --nproc 1")
+                        "epoch are written by one process only",
+                        "set train.checkpoint_steps: 0, or train with --nproc 1")
     if world.size > 1 and model.execution() == "sampled":
         raise DataError("config", "model.execution", "sampled mode does not run data-parallel on torch.distributed "
                         "(its row-sparse gradients are not all-reduced)",

@@ -178,7 +178,8 @@ def test_the_sampler_thread_keeps_one_openmp_thread_after_torch_ran_there():
     torch.set_num_threads(2)
     try:
         # a torch kernel on the sampler thread, then the OpenMP count DGL's kernels there get
-        assert train_module._SAMPLER.submit(lambda: (torch.ones(1 << 17).sum(), torch.get_num_threads())[1]).result() == 1
+        threads = train_module._SAMPLER.submit(lambda: (torch.ones(1 << 17).sum(), torch.get_num_threads())[1])
+        assert threads.result() == 1
     finally:
         torch.set_num_threads(before)
 
