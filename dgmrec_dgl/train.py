@@ -512,6 +512,11 @@ def run_epoch(s: Session, epoch: int, *, progress: bool = False) -> dict:
     return record
 
 
+#: the entries of a ``log.jsonl`` record that measure the run (time, memory), not what it computed: two
+#: runs of the same seed differ in these only
+MEASUREMENTS = ("seconds", "eval_seconds", "peak_rss_gb")
+
+
 def peak_rss_gb() -> float:
     """The process's peak resident memory so far, GiB (the kernel's high-water mark)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20        # KiB on Linux
