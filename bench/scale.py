@@ -382,10 +382,6 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def hwm_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
-
-
 def dir_bytes(path: str | os.PathLike) -> dict[str, int]:
     """Bytes on disk of each file directly in ``path`` (allocated blocks)."""
     out = {}
@@ -434,6 +430,8 @@ class Recorder:
     @contextmanager
     def stage(self, stage: str, estimate: float | None = None):
         """Time ``stage``; the body may set ``rec["seconds"]``/``rec["kind"]`` (extrapolation) and details."""
+        from dgmrec_dgl.train import peak_rss_gb       # in the worker processes only (torch)
+
         limit = memory_limit_gb(self.headroom_gb, self.monitor.rss())
         rec = {"status": "ok", "kind": "measured", "estimate_gb": estimate, "limit_gb": limit}
         self.doc["current"] = stage
@@ -460,7 +458,7 @@ class Recorder:
         rec.setdefault("cpu_seconds", rec["cpu_s"])
         rec["peak_rss_gb"] = self.monitor.peak / GB
         rec["rss_start_gb"] = rss0 / GB
-        rec["hwm_rss_gb"] = hwm_gb()
+        rec["hwm_rss_gb"] = peak_rss_gb()
         self.monitor.limit = None
         self.doc["stages"][stage] = rec
         self.doc["current"] = None

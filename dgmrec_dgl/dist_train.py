@@ -24,7 +24,8 @@ A trainer (``torch.distributed`` rank r, partition r; gloo):
    ``model.history_every: R``: at steps 0, R, 2R, ... of an epoch every trainer computes, for the nodes it
    owns, the histories of single-machine :mod:`dgmrec_dgl.models.history` into ``DistTensor`` s (the ID
    branch's layers 1..L-1 summed, :meth:`_Inference.history`; DGMRec's Ẽ_m and kNN layers too,
-   :meth:`_DGMRecForward.modality_history`), and the steps between run one sampled hop and read the rest from them;
+   :meth:`_DGMRecForward.modality_history`), and the steps between run one sampled hop and read the rest from
+   them;
 5. every ``eval_every`` epochs: all trainers compute the full forward layer by layer, each for the nodes it
    owns, on blocks with every neighbour (exactly the full-graph forward), into ``DistTensor`` s (LightGCN's
    layer means, :class:`_Inference`; DGMRec's ID branch, modality branches and fusion, :class:`_DGMRecForward`);

@@ -472,15 +472,14 @@ def run_epoch(s: Session, epoch: int, *, progress: bool = False) -> dict:
         triples = tuple(t[:tcfg.epoch_steps * tcfg.batch_size] for t in triples)
     n_batches = math.ceil(len(triples[0]) / tcfg.batch_size)
     record["steps"] = n_batches
+    earlier = record.get("history", {"refreshes": 0, "seconds": 0.0})      # the sittings before this one
     refreshed = refresh_totals(model)
 
-    def add_refreshes():            # the refreshes of the historical embeddings, inside the training seconds
-        nonlocal refreshed
+    def count_refreshes():          # the refreshes of the historical embeddings, inside the training seconds
         if histories_of(model):
-            new, old = refreshes_since(model, refreshed), record.get("history", {"refreshes": 0, "seconds": 0.0})
-            record["history"] = {"refreshes": old["refreshes"] + new["refreshes"],
-                                 "seconds": round(old["seconds"] + new["seconds"], 3)}
-            refreshed = refresh_totals(model)
+            now = refreshes_since(model, refreshed)
+            record["history"] = {"refreshes": earlier["refreshes"] + now["refreshes"],
+                                 "seconds": round(earlier["seconds"] + now["seconds"], 3)}
 
     if s.world.size == 1:
         batches = epoch_batches(model, s.g, triples, tcfg.batch_size, tcfg.seed, epoch, ahead=tcfg.sample_ahead,
@@ -494,7 +493,7 @@ def run_epoch(s: Session, epoch: int, *, progress: bool = False) -> dict:
             if tcfg.checkpoint_steps and step % tcfg.checkpoint_steps == 0 and step < n_batches:
                 t = time.perf_counter()
                 seconds["train"] += t - t1
-                add_refreshes()
+                count_refreshes()
                 s.state.step, s.state.partial = step, {"record": record, "sums": sums, "timing": dict(timing)}
                 _save_last(s)
                 t1 = time.perf_counter()
@@ -506,7 +505,7 @@ def run_epoch(s: Session, epoch: int, *, progress: bool = False) -> dict:
     s.state.step, s.state.partial = 0, None
     record["loss"] = {k: v / max(n_batches, 1) for k, v in sums.items()}
     record["lr"] = s.optimizer.param_groups[0]["lr"]
-    add_refreshes()
+    count_refreshes()
     if model.execution() == "sampled":
         seconds.update({f"train_{k}": v for k, v in timing.items()})
     return record
