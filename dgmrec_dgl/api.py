@@ -67,7 +67,7 @@ class Run:
             import torch
 
             with torch.no_grad():
-                user, item = self.model.fused(self.model(self.graph))
+                user, item = self.model.embeddings(self.graph)
             self._user, self._item = user.float().contiguous(), item.float().contiguous()
         return self._user, self._item
 

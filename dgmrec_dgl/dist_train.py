@@ -89,6 +89,7 @@ from .optim import RowSparseAdam
 from .run_folder import LAST_CHECKPOINT, PREVIOUS_CHECKPOINT, TRAINING_FILES
 from .models.dgmrec.encoders import encode
 from .models.dgmrec.model import fuse, refines_before
+from .models.dgmrec.preference import filtered_features
 from .models.history import refresh_totals, refreshes_since
 from .train import (RunState, Session, _last_checkpoint, _lr_factor, _save, _truncate_log, _write_finished,
                     batch_seed, epoch_batches, load_dataset, training_step, validate_and_keep_best)
@@ -839,7 +840,7 @@ class _DGMRecForward:
             pref = mean_aggregate(block, UI, self.user_pref[src_ids(block, "user")])
             general, specific = encode(model.general, model.specific[m], m, self.raw[m][chunk])
             self.general[m][chunk], self.pref[m][chunk] = general, pref
-            out[chunk] = torch.cat([pref * general, pref * specific], dim=1)
+            out[chunk] = filtered_features(pref, general, specific)
         _settle(g, [(self.general[m], "item"), (self.pref[m], "item"), (out, "item")])
 
     @torch.no_grad()

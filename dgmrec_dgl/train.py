@@ -20,7 +20,8 @@ Per epoch (the reference schedule, DGMRec_SPEC §1 and §4):
 :func:`_checkpoint`.
 
 Each epoch appends one JSON line to ``log.jsonl`` (losses; seconds in training, generation/refinement and
-evaluation, the evaluation's parts in ``eval_seconds``; ``peak_rss_gb``, the process's peak so far).
+evaluation, the evaluation's parts in ``eval_seconds``; ``peak_rss_gb``, the process's peak so far, over the
+sittings of an epoch resumed inside it).
 ``last.pt`` is written atomically after every epoch (the one before it kept as ``last.prev.pt``), and with
 ``train.checkpoint_steps: N`` after every N-th step inside one (for epochs of hours), so ``resume=True``
 continues a killed run to the same result as an uninterrupted one; a ``last.pt`` that does not load falls
@@ -234,8 +235,7 @@ def epoch_batches(model: Recommender, g, triples, batch_size: int, seed: int, ep
     a response could reach the step's thread instead). ``timing`` (if given) receives ``sample``
     (seconds the sampler worked) and ``wait`` (seconds the step waited for a batch).
     """
-    users, pos, neg = triples
-    starts = list(range(0, len(users), batch_size))
+    starts = list(range(0, len(triples[0]), batch_size))
     timing = {} if timing is None else timing
     timing.setdefault("sample", 0.0)
     timing.setdefault("wait", 0.0)
@@ -243,8 +243,7 @@ def epoch_batches(model: Recommender, g, triples, batch_size: int, seed: int, ep
     def make(i: int) -> Batch:
         t = time.perf_counter()
         seed_sampling(batch_seed(seed, epoch, i))
-        sl = slice(starts[i], starts[i] + batch_size)
-        batch = model.sample_batch(g, users[sl], pos[sl], neg[sl])
+        batch = model.sample_batch(g, *batch_triples(triples, slice(starts[i], starts[i] + batch_size)))
         timing["sample"] += time.perf_counter() - t
         return batch
 
@@ -304,7 +303,7 @@ def train(config: Config, out_dir: str, *, resume: bool = False, progress: bool 
             if s.main:
                 validate_and_keep_best(s, epoch, record, progress=progress)
         record["seconds"]["eval"] = time.perf_counter() - t
-        record["peak_rss_gb"] = round(peak_rss_gb(), 3)
+        note_peak_rss(record)
         if s.world.size > 1:
             s.state = RunState(**distributed.broadcast_object(asdict(s.state)))   # rank 0 decides early stopping
             record["replicas"] = _check_replicas(s.model, s.generator, epoch)
@@ -494,6 +493,7 @@ def run_epoch(s: Session, epoch: int, *, progress: bool = False) -> dict:
                 t = time.perf_counter()
                 seconds["train"] += t - t1
                 count_refreshes()
+                note_peak_rss(record)
                 s.state.step, s.state.partial = step, {"record": record, "sums": sums, "timing": dict(timing)}
                 _save_last(s)
                 t1 = time.perf_counter()
@@ -506,6 +506,8 @@ def run_epoch(s: Session, epoch: int, *, progress: bool = False) -> dict:
     record["loss"] = {k: v / max(n_batches, 1) for k, v in sums.items()}
     record["lr"] = s.optimizer.param_groups[0]["lr"]
     count_refreshes()
+    for history in histories_of(model):     # not read again this epoch (the next one starts with a refresh):
+        history.invalidate()                # their memory goes to the validation's whole-graph pass
     if model.execution() == "sampled":
         seconds.update({f"train_{k}": v for k, v in timing.items()})
     return record
@@ -521,6 +523,12 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20        # KiB on Linux
 
 
+def note_peak_rss(record: dict) -> None:
+    """``record["peak_rss_gb"]``: the process's peak so far, or an earlier sitting's if higher (an epoch resumed
+    from a checkpoint inside it carries its record on; the peak is over all its sittings)."""
+    record["peak_rss_gb"] = round(max(record.get("peak_rss_gb", 0.0), peak_rss_gb()), 3)
+
+
 def wall_seconds(record: dict) -> float:
     """The wall-clock seconds a ``log.jsonl`` record accounts for: its ``seconds`` entries but the parts of
     ``train`` (sampled mode's ``train_sample``, the sampler thread's work beside the steps, and ``train_wait``)."""
@@ -529,15 +537,30 @@ def wall_seconds(record: dict) -> float:
 
 def epoch_triples(dataset: Dataset, seed: int, epoch: int,
                   negatives: str = "all") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The BPR triples ``(users, pos, neg)`` of one epoch, int64 ``[n_train]`` each: every train pair once in
-    a seeded order, each with one uniform negative outside the user's train items, drawn among
+    """The BPR triples ``(users, pos, neg)`` of one epoch, ``[n_train]`` each: every train pair once in a
+    seeded order, each with one uniform negative outside the user's train items, drawn among
     :func:`~dgmrec_dgl.data.new_items.negative_candidates` (``negatives``: ``all`` items or ``train_items``;
     never a new item in the release's new-items setting). Every execution mode and the data-parallel shards
-    train on these."""
+    train on these.
+
+    Held int32 while the ids fit (an epoch's triples live as long as it does: 354 MB instead of 707 MB at
+    30.9M train pairs); :func:`batch_triples` cuts a batch out as int64.
+    """
     train_csr = dataset.train_matrix()
     candidates = negative_candidates(dataset, negatives)
-    return tuple(torch.from_numpy(a) for a in bpr_triples(train_csr.indptr, train_csr.indices, dataset.n_items,
-                                                         seed * 100003 + epoch, candidates))
+    users, pos, neg = bpr_triples(train_csr.indptr, train_csr.indices, dataset.n_items, seed * 100003 + epoch,
+                                  candidates)
+    del train_csr
+    if max(dataset.n_users, dataset.n_items) <= np.iinfo(np.int32).max:
+        users = users.astype(np.int32)      # one at a time: each int64 array is freed once its copy exists
+        pos = pos.astype(np.int32)
+        neg = neg.astype(np.int32)
+    return torch.from_numpy(users), torch.from_numpy(pos), torch.from_numpy(neg)
+
+
+def batch_triples(triples, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows ``rows`` of :func:`epoch_triples`, int64 ``(users, pos, neg)``: the batch a step trains on."""
+    return tuple(t[rows].long() for t in triples)
 
 
 def train_switch(config: Config, name: str):
@@ -671,7 +694,7 @@ def _train_epoch_sharded(s: Session, triples, epoch: int, sums: dict[str, float]
     Adds to ``sums`` the loss parts as full-batch values: each rank's parts weighted by its share of the
     batch, summed over ranks.
     """
-    users, pos, neg = triples
+    users = triples[0]
     model, world, batch_size = s.model, s.world, s.config.train.batch_size
     generator = distributed.rank_generator(s.config.train.seed, epoch, world.rank)
     params = [p for p in model.main_parameters() if p.requires_grad]
@@ -688,8 +711,7 @@ def _train_epoch_sharded(s: Session, triples, epoch: int, sums: dict[str, float]
             sync()
             s.optimizer.step()
             continue
-        sl = slice(start + lo, start + hi)
-        batch = model.sample_batch(s.g, users[sl], pos[sl], neg[sl])
+        batch = model.sample_batch(s.g, *batch_triples(triples, slice(start + lo, start + hi)))
         parts = training_step(model, s.g, batch, s.optimizer, generator, s.step_precision,
                               loss_weight=distributed.shard_weight(hi - lo, n, world.size), sync=sync)
         for k, v in parts.items():
@@ -720,7 +742,7 @@ def model_embeddings(model: Recommender, g) -> tuple[torch.Tensor, torch.Tensor]
     """``(user [n_users, d'], item [n_items, d'])`` whose inner products are the model's scores (eval mode, no grad)."""
     model.eval()
     with torch.no_grad():
-        user, item = model.fused(model(g))
+        user, item = model.embeddings(g)
     model.train()
     return user, item
 

@@ -53,9 +53,14 @@ def test_a_run_killed_inside_an_epoch_resumes_at_its_last_checkpoint_to_the_same
     with pytest.raises(Killed):
         train(config(sparse_dir, name, model, every), str(tmp_path / "killed"), progress=False)
     monkeypatch.setattr(train_module, "training_step", step)
-    held = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["state"]
+    checkpoint = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
+    held = checkpoint["state"]
     assert (held["epoch"], held["step"]) == (1, every)
     assert len(log_of(tmp_path / "killed")) == 1
+    # the epoch's memory peak is over its sittings: make the first one's higher than any this process reaches
+    assert held["partial"]["record"]["peak_rss_gb"] > 0
+    held["partial"]["record"]["peak_rss_gb"] = 1e6
+    torch.save(checkpoint, tmp_path / "killed" / "last.pt")
 
     resumed = train(config(sparse_dir, name, model, every), str(tmp_path / "killed"), resume=True, progress=False)
     assert resumed["valid"] == whole["valid"] and resumed["test"] == whole["test"]
@@ -66,6 +71,7 @@ def test_a_run_killed_inside_an_epoch_resumes_at_its_last_checkpoint_to_the_same
         assert a.get("before_epoch") == b.get("before_epoch") and a.get("history", {}).get("refreshes") == \
             b.get("history", {}).get("refreshes")
     assert "checkpoint" in after[1]["seconds"] and held["step"] < after[1]["steps"]
+    assert after[1]["peak_rss_gb"] == 1e6 and 0 < after[0]["peak_rss_gb"] < 1e6
     first = before[0]                   # the first validation is the best so far: it tests too
     assert set(first["eval_seconds"]) == {"embeddings", "valid", "test"} and first["peak_rss_gb"] > 0
     assert sum(first["eval_seconds"].values()) <= first["seconds"]["eval"]

@@ -119,3 +119,63 @@ def test_an_epoch_logs_the_refreshes_of_its_histories(sparse_dir, tmp_path, name
             continue
         assert r["history"]["refreshes"] == math.ceil(r["steps"] / every) > 1
         assert 0 < r["history"]["seconds"] < r["seconds"]["train"]
+
+
+def test_dgmrec_drops_both_old_histories_before_refreshing_either(sparse_dir, monkeypatch):
+    """The ID branch's refresh runs after the modality branch's old tables are gone (at 1M items they are 2 GB,
+    and the two refreshes side by side with them were the run's memory peak)."""
+    import dgmrec_dgl.models.lightgcn_rec as rec
+
+    ds, model, g = make(sparse_dir, recon=0.0, history_every=2)
+    modality_tables_gone = []
+    compute = rec.lightgcn_history
+
+    def spy(*args):
+        modality_tables_gone.append(model.modality_history.tables is None)
+        return compute(*args)
+
+    monkeypatch.setattr(rec, "lightgcn_history", spy)
+    users, pos, neg = batch(ds)
+    for _ in range(3):                              # reads 1 and 3 refresh both
+        step(model, g, "sampled", users, pos, neg)
+    assert model.history.refreshes == model.modality_history.refreshes == 2
+    assert modality_tables_gone == [True, True]
+
+
+def test_dgmrec_modality_histories_refreshed_in_slices_of_items_equal_the_whole_pass(sparse_dir, monkeypatch):
+    import dgmrec_dgl.models.dgmrec.model as dgmrec_model
+
+    ds, model, g = make(sparse_dir, history_every=2, n_mm_layers=2)
+    with torch.no_grad():
+        whole = model._modality_layers(g)
+        monkeypatch.setattr(dgmrec_model, "REFRESH_CHUNK", 50)
+        assert ds.n_items > 3 * 50 and ds.n_items % 50          # several slices, the last one short
+        sliced = model._modality_layers(g)
+    for m in ds.modalities:
+        assert len(sliced[m]) == 3
+        for a, b in zip(whole[m], sliced[m]):
+            assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["lightgcn", "dgmrec"])
+def test_validation_runs_after_the_epoch_dropped_its_histories(sparse_dir, tmp_path, monkeypatch, name):
+    """The histories are not read between an epoch's last step and the next epoch's first, whose start
+    recomputes them: the validation's whole-graph pass has their memory."""
+    import dgmrec_dgl.train as trainer
+    from dgmrec_dgl.config import load_config
+    from dgmrec_dgl.models.history import histories_of
+
+    held = []
+    validate = trainer.validate_and_keep_best
+
+    def spy(s, *args, **kwargs):
+        held.append([h.tables is not None for h in histories_of(s.model)])
+        return validate(s, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "validate_and_keep_best", spy)
+    config = load_config(f"configs/{name}/base.yaml", {
+        "data": {"dir": str(sparse_dir), "missing_ratio": 2 / 3},
+        "train": {"epochs": 2, "eval_every": 1, "batch_size": 256},
+        "model": {"execution": "sampled", "history_every": 3}})
+    trainer.train(config, str(tmp_path / "run"), progress=False)
+    assert held == [[False] * (1 if name == "lightgcn" else 2)] * 2

@@ -265,3 +265,19 @@ def test_epoch_steps_stops_each_epoch_after_that_many_steps(sparse_dir, tmp_path
     whole, capped = run("whole", 0), run("capped", 2)
     assert whole[0]["steps"] > 2 and [r["steps"] for r in capped] == [2, 2]
     assert capped[0]["loss"]["bpr"] != whole[0]["loss"]["bpr"]         # the mean of 2 steps, not of the epoch
+
+
+def test_an_epochs_triples_are_held_int32_and_cut_into_int64_batches(sparse_dir):
+    from kernels.sampling import bpr_triples
+
+    from dgmrec_dgl.train import batch_triples, epoch_triples
+
+    ds, _, _ = make(sparse_dir, "lightgcn")
+    triples = epoch_triples(ds, 7, 3)
+    assert [t.dtype for t in triples] == [torch.int32] * 3
+    csr = ds.train_matrix()
+    for held, drawn in zip(triples, bpr_triples(csr.indptr, csr.indices, ds.n_items, 7 * 100003 + 3)):
+        assert np.array_equal(held.numpy(), drawn)
+    cut = batch_triples(triples, slice(5, 21))
+    assert [t.dtype for t in cut] == [torch.int64] * 3
+    assert all(torch.equal(c, t[5:21].long()) for c, t in zip(cut, triples))

@@ -55,6 +55,11 @@ class Recommender(nn.Module):
     def fused(self, reps) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def embeddings(self, g) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(user [n_users, d'], item [n_items, d'])`` whose inner products are the scores on graph ``g``:
+        ``fused(forward(g))``, which a model may compute with less memory (call it without autograd)."""
+        return self.fused(self(g))
+
     # ------------------------------------------------------------------ optional hooks
     def execution(self) -> str:
         """How a training step runs (``full``, ``blocks`` or ``sampled``); models without the choice: ``full``."""

@@ -47,18 +47,21 @@ from ...graphs.refine import refine_knn
 from ...graphs.sampling import sample_one_hop
 from ..base import Batch, Recommender, gather_rows, scalar_parts, sparse_rows
 from ..lightgcn import lightgcn
-from ..history import Histories, with_history
+from ..history import Histories, drop_due, with_history
 from ..lightgcn_rec import sampled_id_branch, sampled_seeds
 from .club import CLUBEstimator
 from .encoders import GeneralEncoder, SpecificEncoder, encode
 from .generators import ModalityDecoder, ModalityGenerator, perturb
 from .losses import bpr_loss, emb_loss, info_nce
-from .preference import PreferenceFilter
+from .preference import PreferenceFilter, filtered_features
 from .propagation import (propagate_modality, propagate_modality_blocks, propagate_modality_history,
                           user_modality_features)
 
 #: rows decoded at a time by :meth:`DGMRec.generated_features` (65,536 x 4,096 float32 = 1 GiB)
 DECODE_CHUNK = 65_536
+#: items encoded and filtered at a time by the whole-catalog passes without autograd (:meth:`DGMRec._filtered_table`:
+#: the refreshes of the modality histories, the ranking embeddings)
+REFRESH_CHUNK = 65_536
 #: prefix of the inference graphs' keys in :meth:`DGMRec.graph_state` (the release's new-items setting)
 INFERENCE = "inference_"
 
@@ -147,7 +150,13 @@ class Representations:
 def fuse(id_rows: torch.Tensor, general: list[torch.Tensor], specific: list[torch.Tensor]) -> torch.Tensor:
     """Eq. 17–18 for one node type: ``E + (mean_m ḡ_m + Σ_m s̄_m) / (M + 1)`` from the ID rows ``[n, d]`` and
     the M modalities' general and specific rows (``[n, d]`` each)."""
-    return id_rows + (torch.stack(general).mean(0) + sum(specific)) / (len(general) + 1)
+    return fuse_sums(id_rows, sum(general), sum(specific), len(general))
+
+
+def fuse_sums(id_rows: torch.Tensor, general_sum: torch.Tensor, specific_sum: torch.Tensor, n_modalities: int):
+    """:func:`fuse` from the sums over the modalities, ``Σ_m ḡ_m`` and ``Σ_m s̄_m`` (``[n, d]`` each), added up
+    in the modalities' order (the mean as the sum over M: the same bits as ``torch.stack(...).mean(0)``)."""
+    return id_rows + (general_sum / n_modalities + specific_sum) / (n_modalities + 1)
 
 
 class DGMRec(Recommender):
@@ -378,16 +387,50 @@ class DGMRec(Recommender):
             general, specific = encode(self.general, self.specific[m], m, self.raw[m])
         with term("preference"):
             pref = self.preference[m](g, self.user_emb)
-            return general, specific, pref, torch.cat([pref * general, pref * specific], dim=1)
+            return general, specific, pref, filtered_features(pref, general, specific)
+
+    def _filtered_table(self, g, m: str) -> torch.Tensor:
+        """Ẽ_m of every item ``[n_items, 2d]`` (Eq. 1–3), without autograd, encoded and filtered ``REFRESH_CHUNK``
+        items at a time: E^g_m, E^s_m and their products exist for one slice of rows only (whole, at 1M items,
+        they were 1.3 GB on top of the table). Below ``REFRESH_CHUNK`` items, :meth:`_filtered_features`'s
+        operations on the same rows."""
+        pref = self.preference[m](g, self.user_emb)                             # [n_items, d]
+        filtered = pref.new_empty(len(pref), 2 * pref.shape[1])
+        for start in range(0, len(pref), REFRESH_CHUNK):
+            rows = slice(start, start + REFRESH_CHUNK)
+            general, specific = encode(self.general, self.specific[m], m, self.raw[m][rows])
+            filtered_features(pref[rows], general, specific, out=filtered[rows])
+        return filtered
 
     def _modality_layers(self, g) -> dict[str, list[torch.Tensor]]:
         """Modality → ``[Ẽ_m, Ē^(1)_m, ..., Ē^(L)_m]`` on the whole graph: the modality branch's histories."""
         layers = {}
         for m in self.modalities:
-            layers[m] = [self._filtered_features(g, m)[3]]
+            layers[m] = [self._filtered_table(g, m)]
             for _ in range(self.config.n_mm_layers):
                 layers[m].append(propagate_modality(g, m, layers[m][-1], 1))
         return layers
+
+    def embeddings(self, g) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fused(forward(g))`` for ranking (without autograd), in a fraction of :meth:`forward`'s memory.
+
+        Each modality's propagated features are added into the sums of Eq. 17–18 as they come (:func:`fuse_sums`,
+        in the same order as :func:`fuse`), and what only the losses read (the encoders' outputs and the
+        preferences) is not kept: forward's views of two modalities are 4.6 GB at 1M items and 2M users, the
+        sums 1.5 GB.
+        """
+        cfg = self.config
+        user_sum = item_sum = None                          # [Σ general | Σ specific], [n, 2d]
+        for m in self.modalities:
+            item = propagate_modality(g, m, self._filtered_table(g, m), cfg.n_mm_layers)
+            user = user_modality_features(g, item)
+            user_sum = user if user_sum is None else user_sum.add_(user)
+            item_sum = item if item_sum is None else item_sum.add_(item)
+            del user, item
+        # the ID branch last: its propagation's layers then run beside the sums, not beside a modality's too
+        user_id, item_id = lightgcn(g, self.user_emb, self.item_emb, cfg.n_ui_layers)
+        n = len(self.modalities)
+        return (fuse_sums(user_id, *user_sum.chunk(2, dim=1), n), fuse_sums(item_id, *item_sum.chunk(2, dim=1), n))
 
     def execution(self) -> str:
         """``full``, ``blocks`` or ``sampled``: what ``config.execution`` selects for this catalog."""
@@ -481,6 +524,8 @@ class DGMRec(Recommender):
         cfg = self.config
         drawn = batch.drawn
         batch_users, items = drawn["users"], drawn["items"]
+        if drawn["historical"]:
+            drop_due(self.history, self.modality_history)
         with term("id_propagation"):
             if "id" in drawn:        # sampled: the ID branch on its blocks, only at U and pos ∪ neg
                 _, _, (user_id, item_seed) = sampled_id_branch(self.user_emb, self.item_emb, g, drawn["id"],
@@ -508,7 +553,7 @@ class DGMRec(Recommender):
                 x = sparse_rows(self.raw[m], inputs)
                 general, specific = encode(self.general, self.specific[m], m, x)
             with term("modality_propagation"):
-                h = torch.cat([pref * general, pref * specific], dim=1)
+                h = filtered_features(pref, general, specific)
                 if history is None:
                     h = propagate_modality_blocks(blocks, m, h)
                     their = torch.index_select(h, 0, torch.searchsorted(items, drawn["their_items"]))

@@ -28,7 +28,9 @@ class PreferenceFilter(nn.Module):
 
     def user_preferences(self, user_emb: torch.Tensor) -> torch.Tensor:
         """``tanh(W_m e_u)`` [n_users, d]."""
-        return torch.tanh(self.user_to_pref(user_emb))
+        # tanh in place: the product's output is not kept for the backward pass (the product keeps its inputs,
+        # tanh its output), and a whole-graph pass at 2M users does not hold a second [n_users, d] (0.5 GB)
+        return torch.tanh_(self.user_to_pref(user_emb))
 
     def forward(self, g, user_emb: torch.Tensor) -> torch.Tensor:
         """``user_emb`` [n_users, d] → item preferences [n_items, d] (mean over each item's train users)."""
@@ -36,3 +38,10 @@ class PreferenceFilter(nn.Module):
         # from forward to backward: 0.5 GB per modality at 2M users, for one [n_users, d] x [d, d] product.
         user_pref = checkpoint(self.user_preferences, user_emb, use_reentrant=False)
         return mean_aggregate(g, "interacts", user_pref)
+
+
+def filtered_features(pref: torch.Tensor, general: torch.Tensor, specific: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 3 as the model propagates it: ``Ẽ_m = [p_m ⊙ E^g_m, p_m ⊙ E^s_m]``, [n, 2d] from three [n, d]
+    (into ``out`` when given, e.g. a slice of rows of a whole-catalog table)."""
+    return torch.cat([pref * general, pref * specific], dim=1, out=out)
