@@ -155,9 +155,10 @@ def test_test_masks_valid_changes_recall_both_ways():
 def test_test_masks_valid_reaches_the_trainer(tmp_path):
     """``eval.test_masks_valid`` from the YAML reaches the test of the best model (train.evaluate_model)."""
     from dgmrec_dgl.config import load_config
+    from dgmrec_dgl.models.base import Recommender
     from dgmrec_dgl.train import evaluate_model
 
-    class Scores(torch.nn.Module):          # the constructed example's scores as a model
+    class Scores(Recommender):              # the constructed example's scores as a model
         def forward(self, g):
             return None
 
