@@ -51,10 +51,26 @@ def test_forward_shapes_finite_and_every_trained_parameter_gets_gradient(toy_dir
     assert not any(id(p) in trained for p in model.club.parameters())
 
 
+@pytest.mark.parametrize("modalities", [1, 2, 3])
+def test_fusion_is_eq_17_and_leaves_its_inputs_alone(modalities):
+    """Eq. 17-18: ``E + (mean_m ḡ_m + Σ_m s̄_m) / (M + 1)``, written as the paper has it; :func:`fuse` folds the
+    sums in place, which must not reach the modalities' rows."""
+    from dgmrec_dgl.models.dgmrec.model import fuse
+
+    gen = torch.Generator().manual_seed(modalities)
+    id_rows, *rows = (torch.randn(7, 4, generator=gen, dtype=torch.float64) for _ in range(1 + 2 * modalities))
+    general, specific = rows[:modalities], rows[modalities:]
+    before = [r.clone() for r in rows]
+    want = id_rows + (torch.stack(general).mean(0) + torch.stack(specific).sum(0)) / (modalities + 1)
+    torch.testing.assert_close(fuse(id_rows, general, specific), want, rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(a, b) for a, b in zip(rows, before))
+
+
 @pytest.mark.parametrize("modalities", [2, 3])
 def test_ranking_embeddings_are_the_fused_forward_bit_for_bit(tmp_path, monkeypatch, modalities):
     """``embeddings`` (what evaluation and ``recommend`` score with) folds each modality into Eq. 17-18's sums
-    as it comes instead of keeping forward's views; the values must not change, on 2 or 3 modalities; with
+    as it comes instead of keeping forward's views (a few columns at a time) and folds the sums before the ID
+    branch runs; the values must not change, on 2 or 3 modalities; with
     the items encoded in slices (1M-item catalogs), up to rounding."""
     import dgmrec_dgl.models.dgmrec.model as dgmrec_model
 
@@ -71,6 +87,8 @@ def test_ranking_embeddings_are_the_fused_forward_bit_for_bit(tmp_path, monkeypa
         want = model.fused(model(g))
         got = model.embeddings(g)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
+        monkeypatch.setattr(dgmrec_model, "EMBEDDING_COLUMNS", 3)    # a few columns at a time
+        assert all(torch.equal(a, b) for a, b in zip(model.embeddings(g), want))
         monkeypatch.setattr(dgmrec_model, "REFRESH_CHUNK", 16)
         sliced = model.embeddings(g)
     assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(sliced, want))

@@ -227,6 +227,8 @@ def test_lightgcn_layer_mean_and_its_hand_written_backward_equal_dense_autograd(
     item = e0.detach()[ds.n_users:].float().requires_grad_()
     got_u, got_i = lightgcn(g, user, item, 3)
     torch.testing.assert_close(torch.cat([got_u, got_i]).double(), want.detach(), rtol=1e-5, atol=1e-6)
+    # the layers past the first are scaled in place for their next hop; layer 0, the tables, is not
+    assert torch.equal(torch.cat([user, item]).detach(), e0.detach().float())
     ((got_u * weights[:ds.n_users].float()).sum() + (got_i * weights[ds.n_users:].float()).sum()).backward()
     torch.testing.assert_close(torch.cat([user.grad, item.grad]).double(), e0.grad, rtol=1e-5, atol=1e-6)
     # an output that does not reach the loss contributes nothing

@@ -171,7 +171,7 @@ def _endpoints(g, etype, h: torch.Tensor) -> tuple[str, str]:
     return src_type, dst_type
 
 
-def propagate(g, etype, h: torch.Tensor, weight: str = "w") -> torch.Tensor:
+def propagate(g, etype, h: torch.Tensor, weight: str = "w", overwrite: bool = False) -> torch.Tensor:
     """One weighted message-passing step over one relation: ``out[v] = sum_{(u,v)} w_uv h[u]``.
 
     Args:
@@ -180,6 +180,8 @@ def propagate(g, etype, h: torch.Tensor, weight: str = "w") -> torch.Tensor:
         etype: a relation (canonical triple or its name), e.g. ``UI`` or ``knn_etype("v")``.
         h: [n_src_nodes, d] features of the relation's source node type.
         weight: edge field holding the weights.
+        overwrite: ``h`` is not needed afterwards (and not under autograd): on the user–item relations it is
+            scaled by its node factors in place instead of into a copy (at 2M users a copy is 0.5 GB).
 
     Returns:
         [n_dst_nodes, d]; a node without incoming edges gets zeros. Differentiable w.r.t. ``h`` (and, on
@@ -192,7 +194,8 @@ def propagate(g, etype, h: torch.Tensor, weight: str = "w") -> torch.Tensor:
                  and "norm" in g.srcnodes[src_type].data and "norm" in g.dstnodes[dst_type].data)
     with g.local_scope():
         if symmetric:
-            g.srcnodes[src_type].data["_h"] = h * g.srcnodes[src_type].data["norm"]
+            norm = g.srcnodes[src_type].data["norm"]
+            g.srcnodes[src_type].data["_h"] = h.mul_(norm) if overwrite else h * norm
             g.update_all(fn.copy_u("_h", "_m"), fn.sum("_m", "_out"), etype=etype)
             # in place: the SpMM's backward does not read its output, and the frame is dropped on return
             return g.dstnodes[dst_type].data["_out"].mul_(g.dstnodes[dst_type].data["norm"])

@@ -32,13 +32,14 @@ def layer_sum(g, user: torch.Tensor, item: torch.Tensor, n_layers: int) -> tuple
 
     On the bipartite graph the layers form two independent chains, user^(0) → item^(1) → user^(2) → ... and
     item^(0) → user^(1) → item^(2) → ...; following one chain, then the other, keeps a single layer tensor
-    alive besides the two running sums.
+    alive besides the two running sums, and a layer past the first, once in its sum, is scaled for the next
+    hop in place (``propagate(..., overwrite=True)``).
     """
     with torch.no_grad():
         user_sum, item_sum = user.clone(), item.clone()
         for h, on_users in ((user, True), (item, False)):
-            for _ in range(n_layers):
-                h = propagate(g, UI, h) if on_users else propagate(g, IU, h)
+            for layer in range(n_layers):
+                h = propagate(g, UI if on_users else IU, h, overwrite=layer > 0)
                 on_users = not on_users
                 (user_sum if on_users else item_sum).add_(h)
     return user_sum, item_sum
