@@ -70,8 +70,8 @@ def test_fusion_is_eq_17_and_leaves_its_inputs_alone(modalities):
 def test_ranking_embeddings_are_the_fused_forward_bit_for_bit(tmp_path, monkeypatch, modalities):
     """``embeddings`` (what evaluation and ``recommend`` score with) folds each modality into Eq. 17-18's sums
     as it comes instead of keeping forward's views (a few columns at a time) and folds the sums before the ID
-    branch runs; the values must not change, on 2 or 3 modalities; with
-    the items encoded in slices (1M-item catalogs), up to rounding."""
+    branch runs; the values must not change, on 2 or 3 modalities; with the items encoded in slices (1M-item
+    catalogs), up to rounding."""
     import dgmrec_dgl.models.dgmrec.model as dgmrec_model
 
     out = tmp_path / "data"
