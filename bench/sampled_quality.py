@@ -130,6 +130,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from dgmrec_dgl.compare import DEFAULT_CONFIG_DIR, model_config, run_one
+    from dgmrec_dgl.errors import DataError
 
     rows = []          # earlier calls' rows are kept (a call may cover some datasets, models or seeds only)
     if (args.out / "sampled_quality.json").exists():
@@ -142,11 +143,15 @@ def main(argv=None) -> int:
                     train = {"seed": seed, "threads": args.threads}
                     if args.epochs:
                         train["epochs"] = args.epochs
-                    if args.patience:
+                    if args.patience is not None:      # 0 or less: the config check refuses it
                         train["patience"] = args.patience
                     keys = dict(MODE_KEYS[mode], **({"history_every": args.history_every} if mode == "history" else {}))
-                    config = model_config(model, {"data": {"dir": str(folder), "mask": mask}, "train": train,
-                                                  "model": keys}, DEFAULT_CONFIG_DIR, dataset_config=dataset)
+                    try:
+                        config = model_config(model, {"data": {"dir": str(folder), "mask": mask}, "train": train,
+                                                      "model": keys}, DEFAULT_CONFIG_DIR, dataset_config=dataset)
+                    except DataError as exc:                # e.g. --patience 0: one line, exit 2
+                        print(f"error: {exc}", file=sys.stderr)
+                        return 2
                     name = label(mode, args.history_every)
                     folder_out = run_dir(args.out, dataset, model, name, seed)
                     t = time.time()

@@ -1,6 +1,6 @@
 """Tests of bench/sampled_quality.py's driver: each mode trains the dataset's config with only its own keys
-changed, ``--epochs`` / ``--patience`` reach the trained config, and the summary pairs a mode with ``full``
-seed by seed."""
+changed, ``--epochs`` / ``--patience`` reach the trained config (a bad value is one error line and exit 2),
+and the summary pairs a mode with ``full`` seed by seed."""
 
 from __future__ import annotations
 
@@ -47,6 +47,15 @@ def test_stopping_rule_overrides_reach_the_config(sq, monkeypatch, tmp_path):
     assert sq.main(["--datasets", "demo", "--models", "lightgcn", "--seeds", "7", "--modes", "full",
                     "--out", str(tmp_path / "out2")]) == 0
     assert (seen[0][2].train.epochs, seen[0][2].train.patience) == (30, 5)
+
+
+def test_bad_patience_exits_2_before_training(sq, monkeypatch, tmp_path, capsys):
+    seen = fake_runs(sq, monkeypatch, tmp_path, lambda mode, seed: 0.1)
+    assert sq.main(["--datasets", "demo", "--models", "lightgcn", "--seeds", "7", "--modes", "full",
+                    "--patience", "0", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.patience: 0" in err[0] and "fix:" in err[0]
+    assert seen == []
 
 
 def test_summary_pairs_modes_with_full_by_seed(sq, monkeypatch, tmp_path):
