@@ -140,16 +140,14 @@ def main(argv=None) -> int:
         for model in args.models.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
                 for mode in args.modes.split(","):
-                    train = {"seed": seed, "threads": args.threads}
-                    if args.epochs:
-                        train["epochs"] = args.epochs
-                    if args.patience is not None:      # 0 or less: the config check refuses it
-                        train["patience"] = args.patience
+                    # the stopping rule as given; a value below 1 reaches the config check, which refuses it
+                    train = {"seed": seed, "threads": args.threads,
+                             **{k: v for k, v in (("epochs", args.epochs), ("patience", args.patience)) if v is not None}}
                     keys = dict(MODE_KEYS[mode], **({"history_every": args.history_every} if mode == "history" else {}))
                     try:
                         config = model_config(model, {"data": {"dir": str(folder), "mask": mask}, "train": train,
                                                       "model": keys}, DEFAULT_CONFIG_DIR, dataset_config=dataset)
-                    except DataError as exc:                # e.g. --patience 0: one line, exit 2
+                    except DataError as exc:                # e.g. --epochs 0: one line, exit 2
                         print(f"error: {exc}", file=sys.stderr)
                         return 2
                     name = label(mode, args.history_every)

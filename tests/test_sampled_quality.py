@@ -49,12 +49,15 @@ def test_stopping_rule_overrides_reach_the_config(sq, monkeypatch, tmp_path):
     assert (seen[0][2].train.epochs, seen[0][2].train.patience) == (30, 5)
 
 
-def test_bad_patience_exits_2_before_training(sq, monkeypatch, tmp_path, capsys):
+def test_bad_stopping_rule_exits_2_before_training(sq, monkeypatch, tmp_path, capsys):
     seen = fake_runs(sq, monkeypatch, tmp_path, lambda mode, seed: 0.1)
     assert sq.main(["--datasets", "demo", "--models", "lightgcn", "--seeds", "7", "--modes", "full",
                     "--patience", "0", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.patience: 0" in err[0] and "fix:" in err[0]
+    assert sq.main(["--datasets", "demo", "--models", "lightgcn", "--seeds", "7", "--modes", "full",
+                    "--epochs", "0", "--out", str(tmp_path / "out")]) == 2
+    assert "train.epochs: 0" in capsys.readouterr().err
     assert seen == []
 
 
