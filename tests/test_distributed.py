@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_rows, write_inter
+from conftest import make_tiny_dir
 
 from dgmrec_dgl import distributed
 from dgmrec_dgl.cli import main
@@ -39,16 +39,6 @@ PARAM_ATOL = 1e-5
 # Ranking metrics only change if such a perturbation swaps two items' order, which needs scores tied to
 # ~1e-6; on this dataset none are, so the metrics agree to rounding.
 METRIC_ATOL = 1e-9
-
-
-def make_tiny(folder: Path) -> Path:
-    """The ``tiny_dir`` dataset of conftest (6 users, 8 items, image 16-d and text 4-d features)."""
-    folder.mkdir(parents=True)
-    write_inter(folder / "tiny.inter", tiny_rows())
-    rng = np.random.default_rng(1)
-    np.save(folder / "image_feat.npy", rng.normal(size=(8, 16)).astype(np.float32))
-    np.save(folder / "text_feat.npy", rng.normal(size=(8, 4)).astype(np.float32))
-    return folder
 
 
 def tiny_config(data: Path, name: str, **model):
@@ -182,14 +172,14 @@ def _dgmrec_scenarios(data: str, root: str) -> None:
 @pytest.fixture(scope="module")
 def dgmrec_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
-    data = make_tiny(root / "tiny")
+    data = make_tiny_dir(root / "tiny")
     distributed.launch(_dgmrec_scenarios, 2, str(data), str(root / "ranks2"))
     return data, root
 
 
 def test_lightgcn_two_processes_from_the_cli_match_one_process(tmp_path, capsys):
     """(a) for LightGCN (reg 0, see the gradient test), started as `dgmrec-dgl train --nproc 2`."""
-    data = make_tiny(tmp_path / "tiny")
+    data = make_tiny_dir(tmp_path / "tiny")
     config_file = tmp_path / "lightgcn.yaml"
     config_file.write_text(f"extends: {CONFIGS / 'lightgcn' / 'base.yaml'}\n"
                            f"train: {json.dumps(TRAIN)}\nmodel: {{reg: 0.0}}\n")
@@ -254,7 +244,7 @@ def test_resume_with_two_processes_gives_the_uninterrupted_result(dgmrec_runs):
 
 def test_cli_under_a_torchrun_environment(tmp_path, monkeypatch, capsys):
     """RANK / WORLD_SIZE in the environment: the CLI joins that group (a world of one here)."""
-    data = make_tiny(tmp_path / "tiny")
+    data = make_tiny_dir(tmp_path / "tiny")
     args = ["train", "--config", str(CONFIGS / "mfbpr" / "base.yaml"), "--data", str(data), "--epochs", "3",
             "--out", str(tmp_path / "run"), "--quiet"]
     monkeypatch.setenv("RANK", "0")
