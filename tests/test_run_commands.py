@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import make_tiny_dir   # the tiny_dir data in a folder of our choice
 
 from dgmrec_dgl import load
 from dgmrec_dgl.cli import main
 from dgmrec_dgl.errors import DataError
-from test_distributed import make_tiny   # conftest's tiny_dir data in a folder of our choice
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -37,7 +37,7 @@ def train_tiny(tmp: Path, model: str, *extra: str) -> Path:
 @pytest.fixture(scope="module")
 def dgmrec_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dgmrec")
-    make_tiny(tmp / "tiny")
+    make_tiny_dir(tmp / "tiny")
     return train_tiny(tmp, "dgmrec", "--missing-ratio", "0.5")
 
 
@@ -186,7 +186,7 @@ def test_plot_overlays_runs(dgmrec_run, tmp_path, capsys):
 
 
 def test_changed_data_is_refused_and_old_runs_still_load(tmp_path, capsys):
-    make_tiny(tmp_path / "tiny")
+    make_tiny_dir(tmp_path / "tiny")
     run = train_tiny(tmp_path, "lightgcn", "--precision", "bf16")
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["precision"] == "bf16"
     inter = tmp_path / "tiny" / "tiny.inter"
