@@ -24,6 +24,8 @@ ratios.
     python bench/sampled_quality.py                                              # all, 3 seeds, to early stopping
     python bench/sampled_quality.py --datasets demo --models lightgcn --epochs 500 --patience 25 \
         --out bench/results/sampled_quality_release_stop      # demo under the release's stopping rule
+    python bench/sampled_quality.py --datasets demo --models dgmrec --modes full,sampled --epochs 500 \
+        --patience 30 --threads 1 --out bench/results/sampled_quality_release_stop   # the same for DGMRec
 """
 
 from __future__ import annotations
