@@ -51,6 +51,9 @@ MODES = ("full", "sampled", "history")
 #: the model keys of each mode (``history`` adds ``history_every`` from the command line)
 MODE_KEYS = {"full": {"execution": "full"}, "sampled": {"execution": "sampled"}, "history": {"execution": "sampled"}}
 SEEDS = (999, 42, 2023)
+# one row of sampled_quality.csv per run, in this column order (rows read back from the JSON have sorted keys)
+RUN_COLUMNS = ("dataset", "model", "mode", "seed", "history_every", "best_epoch", "epochs", "seconds", "reused",
+               "test_recall@20", "test_ndcg@20")
 
 
 def prepare(name: str, work: Path) -> tuple[Path, str | None]:
@@ -194,10 +197,10 @@ def write(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table = summary(rows)
     atomic_write_json(out / "sampled_quality.json", {"runs": rows, "summary": table})
-    for name, data in (("sampled_quality.csv", rows), ("summary.csv", table)):
+    for name, data, columns in (("sampled_quality.csv", rows, RUN_COLUMNS), ("summary.csv", table, None)):
         if data:
             buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in data for k in row)))
+            writer = csv.DictWriter(buf, fieldnames=list(columns or data[0]))
             writer.writeheader()
             writer.writerows(data)
             atomic_write_text(out / name, buf.getvalue())
